@@ -1,0 +1,425 @@
+"""
+GPT-2 in one file: the pretrained language model every method in the paper starts from.
+
+    python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.config)"
+
+Module names equal the keys of Hugging Face's GPT-2 state dict (transformer.h.0.attn.c_attn, ...), so a
+checkpoint from the hub loads with no renaming beyond transposing HF's four Conv1D weights. Loading reads
+safetensors with a small strict reader written below (no pickle anywhere). `generate` decodes a batch of
+prompts of different lengths with a key/value cache and takes a per-step hook that adds to the next-token
+log-probabilities: that hook is how rules.py multiplies the rule-based LM into GPT-2 (paper section 5).
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+EOT = 50256  # <|endoftext|>: GPT-2's only special token; the paper's end of a response
+HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length (HF: n_positions)
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary, <|endoftext|> included
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for finetuning, as in nanoGPT; HF's three pdrops collapse into this one
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation: (n_layer, B, nh, T_max, hs)."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None  # allocated by the first update, in the dtype attention runs in (autocast)
+        self.length = 0  # positions filled so far; GPT.hidden advances it after all layers have written
+
+    def update(self, layer, k, v):
+        # k, v: (B, nh, T, hs) for the new positions; returns all keys and values so far, (B, nh, length+T, hs)
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
+            self.v = v.new_zeros(self.n_layer, B, nh, self.max_len, hs)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout, self.layer = config.n_head, config.n_embd, config.dropout, layer
+
+    def forward(self, x, cache=None, mask=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, Tk, hs): the past and the new positions
+        # Training and unpadded prefill are plain causal attention (the fast kernels); with left padding
+        # or a cache, `mask` (B, 1, T, Tk) says which keys each query may see. A single new query with no
+        # padding may see every key, so it needs neither.
+        causal = mask is None and T > 1
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU (HF's "gelu_new"); exact GELU drifts by ~1e-3 in logits
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head matrix counts once
+
+    def hidden(self, idx, pos=None, cache=None, mask=None):
+        # idx (B, T) token ids; pos (B, T) their positions (default 0..T-1 after the cache); -> (B, T, C)
+        T = idx.size(1)
+        if pos is None:
+            start = cache.length if cache is not None else 0
+            assert start + T <= self.config.block_size, f"{start + T} tokens exceed block_size {self.config.block_size}"
+            pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache, mask)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        # idx, targets (B, T); targets == -1 are ignored (masked prompt tokens and padding)
+        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
+                 hook=None, eos=EOT, use_cache=True, generator=None):
+        """Continue each prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens.
+
+        hook(logprobs, generated) -> bias: called at every step with the next-token log-probabilities
+        (B, vocab_size) and the tokens generated so far (B, n); the bias is added and the sum renormalized,
+        a product of experts (paper section 5). Returns one list of new tokens per prompt, ending at `eos`
+        (included) if it was produced. Prompts are left-padded; padding is masked out of attention and
+        positions count from each prompt's first real token, so a batch gives what each prompt gives alone.
+        """
+        device, B = self.lm_head.weight.device, len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        P = int(lengths.max())
+        assert lengths.min() > 0, "every prompt needs at least one token"
+        if P > self.config.block_size:
+            raise ValueError(f"prompt of {P} tokens is longer than the context ({self.config.block_size})")
+        max_new_tokens = min(max_new_tokens, self.config.block_size - P)  # learned positions end there
+        idx = torch.full((B, P), EOT, dtype=torch.long, device=device)  # padding: any id, masked out
+        for b, p in enumerate(prompts):
+            idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        valid = torch.arange(P, device=device)[None, :] >= (P - lengths)[:, None]  # (B, P) False on padding
+        padded = not bool(valid.all())
+        cache = KVCache(self.config.n_layer, P + max_new_tokens) if use_cache else None
+        generated = torch.empty((B, 0), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        new = idx  # what the next forward pass must read: the whole prompt, then one token at a time
+        for _ in range(max_new_tokens):
+            seq = torch.cat([idx, generated], dim=1)  # (B, P + n)
+            keys = torch.cat([valid, torch.ones_like(generated, dtype=torch.bool)], dim=1)
+            pos = (keys.cumsum(1) - 1).clamp(min=0)  # each prompt's first real token is position 0
+            if not use_cache:
+                new = seq
+            q_pos, mask = pos[:, -new.size(1):], None
+            if padded:
+                i = torch.arange(keys.size(1) - new.size(1), keys.size(1), device=device)[:, None]  # query index
+                j = torch.arange(keys.size(1), device=device)[None, :]  # key index
+                # see real keys up to yourself; a padding query sees itself so no row is empty (NaN)
+                mask = (keys[:, None, None, :] & (j <= i)) | (j == i)  # (B, 1, T, Tk)
+            logits = self.lm_head(self.hidden(new, q_pos if padded else None, cache, mask)[:, -1])  # (B, V)
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            if hook is not None:
+                logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
+            nxt = sample(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
+            nxt = torch.where(done, EOT, nxt)  # finished rows run on until all are done; cut off below
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            if eos is not None:  # eos=None: always generate max_new_tokens
+                done |= nxt == eos
+            if done.all():
+                break
+            new = nxt[:, None]
+        out = []
+        for row in generated.tolist():
+            out.append(row[:row.index(eos) + 1] if eos is not None and eos in row else row)
+        return out
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """`gpt2` ... `gpt2-xl` from the hub (cached), an HF directory (config.json + model.safetensors), or a
+        .safetensors file whose config is read off its tensor shapes."""
+        path = Path(name_or_path)
+        if str(name_or_path) in HUB_MODELS:
+            import hub  # only needed for downloads
+            repo = HUB_MODELS[str(name_or_path)]
+            path = hub.cached_download(repo, "config.json").parent
+            hub.cached_download(repo, "model.safetensors")
+        if path.is_dir():
+            config = config_from_hf_json(path / "config.json")
+            tensors, _ = load_safetensors(path / "model.safetensors")
+        elif path.is_file() and path.suffix == ".safetensors":
+            tensors, metadata = load_safetensors(path)
+            config = config_from_shapes(path, tensors, metadata)
+        elif path.exists():
+            raise ValueError(f"{path}: expected a directory with config.json + model.safetensors, or a .safetensors file")
+        else:
+            raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not one of the hub models "
+                                    f"{', '.join(HUB_MODELS)}")
+        config.dropout = dropout
+        model = cls(config)
+        load_hf_state_dict(model, tensors, path)
+        return model
+
+
+def sample(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from (B, V) log-probabilities: argmax if greedy, else temperature, top-k, top-p."""
+    if greedy or temperature == 0:
+        return logprobs.argmax(dim=-1)
+    scores = logprobs / temperature
+    if top_k is not None and top_k < scores.size(-1):
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_scores.softmax(dim=-1) >= top_p  # drop tokens once the mass before them reaches p
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+# ------------------------------------------------------------------- checkpoints: safetensors and HF keys
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MAX_HEADER = 100 * 1024 * 1024  # a header is JSON describing tensors; anything bigger is not a checkpoint
+
+
+def load_safetensors(path):
+    """Read a .safetensors file into {name: tensor}, checking every byte range first.
+
+    Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}, and an
+    optional "__metadata__"}, then the data section; offsets are relative to the data section."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER:
+            raise ValueError(f"{path}: safetensors header length {n} exceeds the {MAX_HEADER}-byte limit")
+        if 8 + n > size:
+            raise ValueError(f"{path}: safetensors header length {n} is larger than the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: safetensors header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"{path}: safetensors __metadata__ must map strings to strings")
+        data_size, spans = size - 8 - n, []
+        for name, info in header.items():
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise ValueError(f"{path}: tensor '{name}' needs exactly dtype, shape and data_offsets")
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype} (F32, F16, BF16 only)")
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                raise ValueError(f"{path}: tensor '{name}' has invalid shape {shape}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1] <= data_size):
+                raise ValueError(f"{path}: tensor '{name}' data_offsets {offsets} lie outside the data section "
+                                 f"({data_size} bytes; file truncated?)")
+            nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+            if offsets[1] - offsets[0] != nbytes:
+                raise ValueError(f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes but "
+                                 f"{dtype}{shape} needs {nbytes}")
+            spans.append((offsets[0], offsets[1], name))
+        end = 0
+        for begin, stop, name in sorted(spans):
+            if begin != end:  # the data section must be covered exactly once, with no overlap and no hole
+                raise ValueError(f"{path}: tensor '{name}' starts at byte {begin}, expected {end} "
+                                 f"({'overlap' if begin < end else 'hole'} in the data section)")
+            end = stop
+        if end != data_size:
+            raise ValueError(f"{path}: data section has {data_size} bytes, tensors cover {end}")
+        tensors = {}
+        for begin, stop, name in spans:
+            f.seek(8 + n + begin)
+            info = header[name]
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            f.readinto(t.view(-1).view(torch.uint8).numpy())  # little-endian on disk, as on every host we run on
+            tensors[name] = t
+    return tensors, metadata
+
+
+def config_from_hf_json(path):
+    """GPTConfig from an HF GPT-2 config.json, refusing variants this GPT does not implement."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (an HF model directory needs config.json + model.safetensors)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        if not isinstance(hf.get(key), int):
+            raise ValueError(f"{path}: missing or non-integer field '{key}'")
+    unsupported = {"activation_function": "gelu_new", "n_inner": None, "layer_norm_epsilon": 1e-5,
+                   "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+                   "scale_attn_weights": True, "add_cross_attention": False, "tie_word_embeddings": True}
+    for key, expected in unsupported.items():
+        value = hf.get(key, expected)
+        if value != expected and not (key == "n_inner" and value == 4 * hf["n_embd"]):
+            raise ValueError(f"{path}: field '{key}' is {value!r}; this GPT-2 implements only {expected!r}")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"])
+
+
+def config_from_shapes(path, tensors, metadata):
+    """GPTConfig of a bare .safetensors file. Shapes fix all sizes but the head count: taken from the file's
+    metadata when it says (our exports do), else GPT-2's 64-dimensional heads (true of all four sizes)."""
+    key = {k.removeprefix("transformer."): k for k in tensors}
+    for name in ("wte.weight", "wpe.weight"):
+        if name not in key:
+            raise ValueError(f"{path}: missing tensor '{name}'")
+    vocab_size, n_embd = tensors[key["wte.weight"]].shape
+    n_layer = len({k.split(".")[1] for k in key if k.startswith("h.")})
+    n_head = int(metadata.get("n_head", max(1, n_embd // 64)))
+    return GPTConfig(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size,
+                     n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def load_hf_state_dict(model, tensors, path):
+    """Copy HF GPT-2 tensors into `model`, accepting both the hub's layout and save_pretrained's."""
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    lm_head = tensors.pop("lm_head.weight", None)
+    if lm_head is not None and not torch.equal(lm_head, tensors.get("wte.weight", lm_head)):
+        raise ValueError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them")
+    # the causal-mask buffers of older HF versions are constants, not weights
+    tensors = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+    expected = {k.removeprefix("transformer."): p for k, p in model.state_dict().items() if k != "lm_head.weight"}
+    for key in tensors:
+        if key not in expected:
+            raise ValueError(f"{path}: unexpected tensor '{key}' (not a GPT-2 checkpoint?)")
+    for key, param in expected.items():
+        if key not in tensors:
+            raise ValueError(f"{path}: missing tensor '{key}'")
+        t = tensors[key].t() if key.endswith(conv1d) else tensors[key]  # HF's Conv1D stores (in, out)
+        if t.shape != param.shape:
+            raise ValueError(f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                             f"expected {tuple(param.t().shape if key.endswith(conv1d) else param.shape)}")
+        with torch.no_grad():
+            param.copy_(t)
+
+
+# --------------------------------------------------------------------------------------- device and dtype
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device, name="auto"):
+    """'auto': bfloat16 autocast on CUDA where supported, else float16 (with a GradScaler when training),
+    float32 on CPU and MPS."""
+    if name != "auto":
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast(device, dtype):
+    """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in float32."""
+    if dtype == "float32":
+        return torch.autocast(device_type=device.split(":")[0], enabled=False)
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

@@ -1,0 +1,133 @@
+"""Shared fixtures: random-weight HF GPT-2 checkpoints (the reference we compare against) and a fake hub.
+
+No real GPT-2 weights are needed or reachable: transformers builds GPT2LMHeadModel with random weights in the
+real shapes, save_pretrained writes it, and our loader must reproduce it exactly.
+"""
+import hashlib
+import http.server
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# the GPT-2 BPE files, when the shared folder is beside the repo (CI exports this too)
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (ROOT.parent / "shared" / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(ROOT.parent / "shared" / "tiktoken")
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+SMALL = dict(n_layer=3, n_head=4, n_embd=64, n_positions=128)  # an odd shape: 16-dim heads, short context
+GPT2 = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)  # the real gpt2 (124M) shape
+
+
+def make_hf(directory, init_range=0.3, seed=0, **shape):
+    """Random-weight HF GPT2LMHeadModel saved with save_pretrained into `directory`. A wide init range makes
+    greedy decoding wander over many tokens instead of repeating one, so generation tests can fail."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(**shape, initializer_range=init_range)).eval()
+    hf.save_pretrained(directory)
+    return hf
+
+
+def write_hub_layout(hf, directory):
+    """The layout the hub hosts for openai-community/gpt2: no `transformer.` prefix, the attention-mask
+    buffers present, no lm_head. Written with the safetensors package, not our code."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    P = hf.config.n_positions
+    for i in range(hf.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small_hf")
+    return make_hf(d, **SMALL), d
+
+
+@pytest.fixture(scope="session")
+def gpt2_hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt2_hf")
+    return make_hf(d, init_range=0.1, **GPT2), d
+
+
+class FakeHub:
+    """A real HTTP server on 127.0.0.1 that answers like the hub: /{repo}/resolve/main/{file}. LFS files get a
+    302 to /cdn/{sha256} carrying X-Linked-Etag and X-Linked-Size, as huggingface.co does; Range requests
+    get 206. Knobs: `cut` (path -> bytes after which the next answer breaks off), `corrupt` (paths whose
+    served bytes differ from the advertised sha256), `token` (required bearer token)."""
+
+    def __init__(self):
+        self.files, self.lfs, self.requests = {}, {}, []
+        self.cut, self.corrupt, self.token = {}, set(), None
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.requests.append((self.path, dict(self.headers)))
+                if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                    if not self.path.startswith("/cdn/"):
+                        return self.send_error(401)
+                if self.path.startswith("/cdn/"):
+                    path = hub.lfs.get(self.path[5:])
+                elif self.path in hub.files and self.path in hub.lfs.values():
+                    sha = next(s for s, p in hub.lfs.items() if p == self.path)
+                    self.send_response(302)
+                    self.send_header("Location", f"/cdn/{sha}")
+                    self.send_header("X-Linked-Etag", f'"{sha}"')
+                    self.send_header("X-Linked-Size", str(len(hub.files[self.path])))
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                else:
+                    path = self.path
+                if path not in hub.files:
+                    return self.send_error(404)
+                body = hub.files[path]
+                if path in hub.corrupt:
+                    body = bytes([body[0] ^ 1]) + body[1:]
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
+                self.end_headers()
+                cut = hub.cut.pop(path, None)
+                self.wfile.write(body[start:cut] if cut is not None else body[start:])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, path, data, lfs=False):
+        self.files[path] = data
+        if lfs:
+            self.lfs[hashlib.sha256(data).hexdigest()] = path
+
+    def gets(self, suffix):
+        return [headers for path, headers in self.requests if path.endswith(suffix)]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A FakeHub with HF_ENDPOINT pointed at it and an empty cache directory."""
+    hub = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()

@@ -1,0 +1,191 @@
+"""model.py against HF transformers' GPT2LMHeadModel: same logits, same greedy tokens, same masked loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_hub_layout
+from safetensors.torch import save_file
+
+from model import GPT, EOT
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def random_ids(B, T, seed=1):
+    return torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("which", ["small_hf", "gpt2_hf"])
+@pytest.mark.parametrize("layout", ["save_pretrained", "hub"])
+def test_logits_match_hf(which, layout, request, tmp_path):
+    hf, directory = request.getfixturevalue(which)
+    if layout == "hub":
+        directory = write_hub_layout(hf, tmp_path / "hub")
+    model = GPT.from_pretrained(directory).eval()
+    assert model.config.n_layer == hf.config.n_layer and model.config.n_head == hf.config.n_head
+    idx = random_ids(2, 50)
+    logits, loss = model(idx)
+    assert loss is None
+    assert logits.shape == (2, 50, 50257)
+    torch.testing.assert_close(logits, hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_bare_safetensors_file_infers_config(gpt2_hf, tmp_path):
+    # a lone hub-layout file: the config comes from tensor shapes (12 heads = 768 / GPT-2's 64-dim heads)
+    hf, _ = gpt2_hf
+    file = write_hub_layout(hf, tmp_path / "hub") / "model.safetensors"
+    model = GPT.from_pretrained(file).eval()
+    assert (model.config.n_layer, model.config.n_head, model.config.block_size) == (12, 12, 1024)
+    idx = random_ids(1, 20)
+    torch.testing.assert_close(model(idx)[0], hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_bare_safetensors_head_count_from_metadata(small_hf, tmp_path):
+    # shapes cannot tell 4 heads of 16 from 1 head of 64: the file's metadata can (our exports write it)
+    hf, _ = small_hf
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, tmp_path / "m.safetensors", metadata={"n_head": "4"})
+    model = GPT.from_pretrained(tmp_path / "m.safetensors").eval()
+    assert model.config.n_head == 4
+    idx = random_ids(1, 30)
+    torch.testing.assert_close(model(idx)[0], hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_loss_ignores_minus_one_like_hf_ignores_minus_100(small_hf):
+    hf, directory = small_hf
+    model = GPT.from_pretrained(directory).eval()
+    idx = random_ids(2, 40)
+    labels = idx.clone()
+    labels[0, :15] = -100
+    labels[1, 30:] = -100
+    # our targets are shifted already (position t predicts t+1); HF shifts labels inside
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    targets = shifted.masked_fill(shifted == -100, -1)
+    _, loss = model(idx, targets)
+    with torch.no_grad():
+        ref = hf(idx, labels=labels).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+
+
+def test_tied_head_and_param_count(small_hf):
+    _, directory = small_hf
+    model = GPT.from_pretrained(directory)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    c = model.config
+    per_layer = 12 * c.n_embd ** 2 + 13 * c.n_embd
+    assert model.num_params() == c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * per_layer + 2 * c.n_embd
+
+
+@pytest.mark.parametrize("which", ["small_hf", "gpt2_hf"])
+def test_greedy_matches_hf_generate(which, request):
+    hf, directory = request.getfixturevalue(which)
+    model = GPT.from_pretrained(directory).eval()
+    prompt = random_ids(1, 7, seed=3)
+    ours = model.generate([prompt[0].tolist()], 20, greedy=True, eos=None)[0]
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=EOT, eos_token_id=None)
+    assert ours == ref[0, 7:].tolist()
+    assert len(set(ours)) > 3  # the random model does not just repeat one token, so this test can fail
+
+
+def test_cached_equals_uncached(small_hf):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (1, 5, 17)]
+    for p in prompts:
+        assert model.generate([p], 40, greedy=True, eos=None) == model.generate([p], 40, greedy=True, eos=None, use_cache=False)
+
+
+def test_mixed_length_batch_equals_each_alone(small_hf):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 12, 1, 30)]
+    batch = model.generate(prompts, 25, greedy=True, eos=None)
+    alone = [model.generate([p], 25, greedy=True, eos=None)[0] for p in prompts]
+    assert batch == alone
+    assert model.generate(prompts, 25, greedy=True, eos=None, use_cache=False) == alone
+
+
+def test_padded_batch_logprobs_equal_alone(small_hf):
+    # not only the argmax: the log-probabilities each prompt sees are the same padded or not
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (4, 19)]
+    seen = {}
+
+    def record(key):
+        def hook(logprobs, generated):
+            seen.setdefault(key, []).append(logprobs.clone())
+            return torch.zeros_like(logprobs)
+        return hook
+    model.generate(prompts, 5, greedy=True, hook=record("batch"), eos=None)
+    for b, p in enumerate(prompts):
+        model.generate([p], 5, greedy=True, hook=record(b), eos=None)
+        for step in range(5):
+            torch.testing.assert_close(seen["batch"][step][b], seen[b][step][0], atol=1e-5, rtol=0)
+
+
+def test_stops_at_eos_per_sequence(small_hf):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 9)]
+    free = model.generate(prompts, 12, greedy=True, eos=None)
+    stop = free[0][4]  # pretend the 5th token of the first continuation is the end of sequence
+    out = model.generate(prompts, 12, greedy=True, eos=stop)
+    assert out[0] == free[0][:free[0].index(stop) + 1]
+    assert out[1] == (free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1])
+
+
+def test_hook_adds_to_logprobs(small_hf):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompt = random_ids(1, 5)[0].tolist()
+    calls = []
+
+    def force_token_42(logprobs, generated):
+        calls.append(generated.shape)
+        bias = torch.zeros_like(logprobs)
+        bias[:, 42] = 1e4
+        return bias
+    out = model.generate([prompt], 6, greedy=True, hook=force_token_42, eos=None)[0]
+    assert out == [42] * 6
+    assert calls == [(1, n) for n in range(6)]  # called every step with the tokens generated so far
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(small_hf):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompt = random_ids(1, 5)[0].tolist()
+    a = model.generate([prompt], 15, temperature=1.0, generator=torch.Generator().manual_seed(0), eos=None)
+    b = model.generate([prompt], 15, temperature=1.0, generator=torch.Generator().manual_seed(0), eos=None)
+    c = model.generate([prompt], 15, temperature=1.0, generator=torch.Generator().manual_seed(1), eos=None)
+    assert a == b and a != c
+    greedy = model.generate([prompt], 15, greedy=True, eos=None)
+    assert model.generate([prompt], 15, top_k=1, generator=torch.Generator().manual_seed(5), eos=None) == greedy
+    assert model.generate([prompt], 15, top_p=1e-9, generator=torch.Generator().manual_seed(5), eos=None) == greedy
+
+
+def test_top_k_top_p_filter_exactly():
+    from model import sample
+    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logprobs, top_k=2, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1}
+    draws = {sample(logprobs, top_p=0.8, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.8: the smallest set with that mass
+    draws = {sample(logprobs, top_p=0.81, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1, 2}
+
+
+def test_prompt_longer_than_context_is_refused(small_hf):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.generate([[1] * 129], 5)
+    # a prompt that fits generates only up to the end of the learned positions
+    assert len(model.generate([[1] * 120], 50, greedy=True, eos=None)[0]) == 8
+
+
+def test_training_forward_backward_runs_with_dropout():
+    from model import GPTConfig
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=16, dropout=0.1))
+    idx = torch.randint(0, 100, (3, 32))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
+    assert abs(loss.item() - F.cross_entropy(torch.zeros(1, 100), torch.tensor([0])).item()) < 0.5  # ~ln(100)
