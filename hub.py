@@ -121,7 +121,9 @@ def download(url, dest):
         raise OSError(f"download of {url} interrupted after {part.stat().st_size} bytes ({type(e).__name__}); "
                       f"run again to resume") from None
     size = part.stat().st_size
-    if total is not None and size != total:
+    if total is not None and size < total:  # the connection closed early: keep what came, resume next time
+        raise OSError(f"download of {url} interrupted after {size} of {total} bytes; run again to resume")
+    if total is not None and size > total:
         part.unlink()
         raise OSError(f"download of {url} has {size} bytes, expected {total}; deleted it, run again")
     sha256 = _expected_sha256(seen)

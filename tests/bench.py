@@ -1,0 +1,67 @@
+"""
+Speed against HF transformers, measured in one run on the same machine and reported as ratios.
+
+    python tests/bench.py generate      # greedy decode, gpt2 shape, random weights, CPU fp32
+
+Not a test: numbers depend on the machine, so nothing here asserts a time. Needs the test requirements.
+"""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def gpt2_pair(seed=0):
+    """Our GPT and HF's GPT2LMHeadModel with the same random weights in the gpt2 (124M) shape."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.1)).eval()
+    ours = GPT(GPTConfig()).eval()
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    from model import load_hf_state_dict
+    load_hf_state_dict(ours, sd, "hf")
+    return ours, hf
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns, rounds=5):
+    """Best time of each function over `rounds`, run in turns (ours, theirs, ours, ...) after a warm-up, so
+    that drift in the machine's speed hits both sides alike."""
+    for fn in fns:
+        fn()
+    times = [[timed(fn) for fn in fns] for _ in range(rounds)]
+    return [min(column) for column in zip(*times)]
+
+
+@torch.no_grad()
+def bench_generate(new_tokens=64):
+    ours, hf = gpt2_pair()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (1, 32), generator=g)
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (5, 12, 20, 32, 40, 48, 60, 64)]
+    ours_1, hf_1, ours_8 = interleaved([
+        lambda: ours.generate([prompt[0].tolist()], new_tokens, greedy=True, eos=None),
+        lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=50256),
+        lambda: ours.generate(prompts, new_tokens, greedy=True, eos=None),
+    ])
+    print(f"greedy decode, gpt2 shape, CPU fp32, {torch.get_num_threads()} threads, 32-token prompt, "
+          f"{new_tokens} new tokens, best of 5 interleaved")
+    print(f"  batch 1:  ours {new_tokens / ours_1:6.1f} tok/s   HF generate {new_tokens / hf_1:6.1f} tok/s   "
+          f"ratio ours/HF {hf_1 / ours_1:.2f}x")
+    print(f"  batch 8 (prompts of 5..64 tokens): ours {8 * new_tokens / ours_8:6.1f} tok/s = "
+          f"{ours_1 * 8 / ours_8:.1f}x batch 1")
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "generate"
+    {"generate": bench_generate}[which]()

@@ -1,0 +1,97 @@
+"""The chat format and its loss mask (chat.py)."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from chat import EOT, decode, encode, encode_chat, encode_prompt, targets_from_mask, tokenizer
+from model import GPT
+
+CONVERSATION = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And times 3?"},
+    {"role": "assistant", "content": " It is 12.\n"},
+]
+TEXT = ("<|user|>\nWhat is 2+2?\n<|assistant|>\n4.<|endoftext|>\n"
+        "<|user|>\nAnd times 3?\n<|assistant|>\n It is 12.\n<|endoftext|>")
+
+
+def test_tokenizer_is_tiktoken_gpt2():
+    assert encode("Hello world") == [15496, 995]
+    assert tokenizer().n_vocab == 50257 and tokenizer().eot_token == EOT == 50256
+
+
+def test_multi_turn_text_and_mask():
+    ids, mask = encode_chat(CONVERSATION)
+    assert len(ids) == len(mask)
+    assert tokenizer().decode(ids) == TEXT
+    trained = [t for t, m in zip(ids, mask) if m]
+    assert trained == encode("4.") + [EOT] + encode(" It is 12.\n") + [EOT]
+    # every masked token is outside the responses: tags, instructions and the "\n" joining turns
+    assert tokenizer().decode([t for t, m in zip(ids, mask) if not m]) == \
+        "<|user|>\nWhat is 2+2?\n<|assistant|>\n\n<|user|>\nAnd times 3?\n<|assistant|>\n"
+
+
+def test_system_message_is_masked():
+    ids, mask = encode_chat([{"role": "system", "content": "Be brief."}] + CONVERSATION[:2])
+    assert tokenizer().decode(ids) == "<|system|>\nBe brief.\n<|user|>\nWhat is 2+2?\n<|assistant|>\n4.<|endoftext|>"
+    assert sum(mask) == len(encode("4.")) + 1
+
+
+def test_response_only_format_of_the_paper():
+    ids, mask = encode_chat([{"role": "user", "content": ""}, {"role": "assistant", "content": "Sure."}])
+    assert tokenizer().decode(ids) == "<|user|>\n\n<|assistant|>\nSure.<|endoftext|>"
+
+
+def test_endoftext_typed_by_a_user_is_ordinary_text():
+    ids, mask = encode_chat([{"role": "user", "content": "say <|endoftext|> now"},
+                             {"role": "assistant", "content": "ok <|endoftext|>"}])
+    assert ids.count(EOT) == 1 and ids[-1] == EOT  # only the real end of the response
+    assert EOT not in encode_prompt("say <|endoftext|> now")
+    assert decode(encode("<|endoftext|>")) == "<|endoftext|>"
+
+
+def test_prompt_ends_with_assistant_tag_and_is_the_training_prefix():
+    prompt = encode_prompt("What is 2+2?")
+    assert tokenizer().decode(prompt).endswith("<|assistant|>\n")
+    ids, mask = encode_chat(CONVERSATION[:2])
+    assert ids[:len(prompt)] == prompt and mask[len(prompt)] == 1 and sum(mask[:len(prompt)]) == 0
+    # multi-turn history: the prompt for the second answer is the first exchange plus the new question
+    prompt2 = encode_prompt(CONVERSATION[:3])
+    full, mask = encode_chat(CONVERSATION)
+    assert full[:len(prompt2)] == prompt2 and mask[len(prompt2)] == 1
+
+
+def test_unknown_role():
+    with pytest.raises(ValueError, match="unknown role 'bot'"):
+        encode_chat([{"role": "bot", "content": "hi"}])
+
+
+def test_mask_gives_hf_masked_loss(small_hf):
+    hf, directory = small_hf
+    model = GPT.from_pretrained(directory).eval()
+    ids, mask = encode_chat(CONVERSATION)
+    idx = torch.tensor([ids])
+    _, loss = model(idx, torch.tensor([targets_from_mask(ids, mask)]))
+    labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])  # HF shifts labels itself
+    with torch.no_grad():
+        ref = hf(idx, labels=labels).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+
+
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(text, text), min_size=1, max_size=3))
+def test_any_conversation_round_trips(turns):
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    ids, mask = encode_chat(messages)
+    expected = "\n".join(f"<|user|>\n{q}\n<|assistant|>\n{a}<|endoftext|>" for q, a in turns)
+    assert tokenizer().decode(ids) == expected
+    assert ids.count(EOT) == len(turns) and sum(mask) == sum(len(encode(a)) + 1 for _, a in turns)
+    prompt = encode_prompt(messages[:-1])
+    # the prompt is the training prefix up to the last response, which is all that is trained after it
+    assert ids[:len(prompt)] == prompt and sum(mask[len(prompt):]) == len(mask) - len(prompt) == len(encode(turns[-1][1])) + 1
+    targets = targets_from_mask(ids, mask)
+    assert [t for t in targets if t != -1] == [t for t, m in zip(ids[1:], mask[1:]) if m]

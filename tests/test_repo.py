@@ -1,0 +1,47 @@
+"""The repository keeps its promises: CI runs the README's test command, and the scripts fail politely."""
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def readme_commands():
+    return re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = next(c for c in readme_commands() if "pytest" in c)
+    run_part = test_command.split("&& ", 2)[-1]  # after creating and activating the virtualenv
+    assert run_part in (ROOT / ".ci" / "run").read_text()
+
+
+def test_runtime_requirements_are_the_four_allowed():
+    names = [re.split(r"[<>=]", line)[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert names == ["torch", "numpy", "tiktoken", "tqdm"]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_sample_cli_answers_a_prompt_and_fails_in_one_line(small_hf, tmp_path):
+    _, directory = small_hf
+    ok = run("sample.py", f"--init_from={directory}", "--prompt=Write a poem called Rain", "--max_new_tokens=8")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() and "<|assistant|>" not in ok.stdout  # only the response is printed
+    for args, message in [((f"--init_from={tmp_path}/missing", "--prompt=x"), "no such file"),
+                          (("--nonsense=1",), "unknown argument '--nonsense=1'"),
+                          ((f"--init_from={directory}", "--max_new_tokens=many"), "expected int"),
+                          ((f"--init_from={directory}", "--dtype=float8"), "--dtype=float8")]:
+        bad = run("sample.py", *args)
+        assert bad.returncode == 1 and bad.stdout == ""
+        assert bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+
+
+def test_help_lists_every_flag_with_its_default():
+    out = run("sample.py", "--help")
+    assert out.returncode == 0
+    for flag in ("--init_from=gpt2", "--max_new_tokens=256", "--greedy=True", "--device=auto", "--dtype=auto"):
+        assert flag in out.stdout
