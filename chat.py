@@ -2,6 +2,7 @@
 The paper's chat format and its loss mask: the one place that turns conversations into GPT-2 tokens.
 
     python chat.py "Write a poem called Spring"     # prints the tokens of a generation prompt
+    python chat.py ../shared/data/lima_data.jsonl   # checks a messages JSONL file, prints its statistics
 
 One turn (paper section 3, Figure 1):
 
@@ -18,9 +19,14 @@ boundary and a generation prompt encodes to exactly the tokens the model was tra
 Text written by a user is always ordinary text: "<|endoftext|>" typed into an instruction is 7 tokens of
 text, never the special token.
 """
+import json
+import os
+import random
 import sys
+from pathlib import Path
 
 import tiktoken
+from tqdm import tqdm
 
 EOT = 50256  # <|endoftext|>
 ROLES = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
@@ -93,7 +99,97 @@ def targets_from_mask(ids, mask):
     return [nxt if m else -1 for nxt, m in zip(ids[1:], mask[1:])] + [-1]
 
 
+# ------------------------------------------------------------------------- conversations in JSONL files
+
+def read_conversations(path):
+    """Conversations from a messages JSONL file, one {"messages": [{"role", "content"}, ...]} per line (the
+    open-instruct / Tulu format; other keys ignored). Every error names the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    conversations = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start} is 0x{line[e.start]:02x})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict) or "messages" not in row:
+                raise ValueError(f"{where}: missing field 'messages'")
+            conversations.append(check_messages(row["messages"], where))
+    if not conversations:
+        raise ValueError(f"{path}: empty file, no conversations")
+    return conversations
+
+
+def check_messages(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: {field} must be an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"{where}: {field}.role is {m.get('role')!r}; expected system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: {field}.content must be a string, not {type(m.get('content')).__name__}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError(f"{where}: {field}.content is empty; an assistant turn is what training learns")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant turn, so nothing to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines, atomically: a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_split(directory, name, conversations, n_val, seed=0, responses_only=False):
+    """Shuffle (seeded), hold out n_val conversations, write {name}_train.jsonl and {name}_val.jsonl, and
+    print counts and token lengths. responses_only also writes {name}_responses_*: the same split with every
+    user turn emptied, the paper's response tuning data (section 3)."""
+    conversations = list(conversations)
+    random.Random(seed).shuffle(conversations)
+    splits = {"train": conversations[n_val:], "val": conversations[:n_val]}
+    variants = {name: lambda c: c}
+    if responses_only:
+        variants[f"{name}_responses"] = lambda c: [{**m, "content": ""} if m["role"] == "user" else m for m in c]
+    for variant, transform in variants.items():
+        for split, rows in splits.items():
+            write_jsonl(Path(directory) / f"{variant}_{split}.jsonl", [{"messages": transform(c)} for c in rows])
+    describe(f"{name}_train", splits["train"])
+    print(f"wrote {', '.join(f'{v}_{{train,val}}.jsonl' for v in variants)} to {directory}: "
+          f"{len(splits['train'])} train, {len(splits['val'])} val")
+
+
+def describe(name, conversations, block_size=1024):
+    """Print how many conversations there are, how many are multi-turn, and their token lengths."""
+    lengths = sorted(len(encode_chat(c)[0]) for c in tqdm(conversations, desc=f"tokenizing {name}", leave=False))
+    multi = sum(sum(m["role"] == "assistant" for m in c) > 1 for c in conversations)
+    over = sum(n > block_size for n in lengths)
+    print(f"{name}: {len(lengths)} conversations ({multi} multi-turn); tokens: median {lengths[len(lengths) // 2]}, "
+          f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; over {block_size}: {over} "
+          f"({100 * over / len(lengths):.1f}%)")
+
+
 if __name__ == "__main__":
-    prompt = encode_prompt(" ".join(sys.argv[1:]) or "Write a poem called Spring")
-    print(prompt)
-    print(repr(decode(prompt)))
+    if sys.argv[1:] and sys.argv[1].endswith(".jsonl"):  # python chat.py data.jsonl: validate and describe it
+        describe(sys.argv[1], read_conversations(sys.argv[1]))
+    else:
+        prompt = encode_prompt(" ".join(sys.argv[1:]) or "Write a poem called Spring")
+        print(prompt)
+        print(repr(decode(prompt)))

@@ -138,3 +138,13 @@ def download(url, dest):
                           f"{sha256[:12]}...); deleted it, run again")
     os.replace(part, dest)
     return dest
+
+
+def read_parquet(path):
+    """Rows of a parquet file as dicts. Some sets (GSM8K, MBPP) are on the hub only as parquet; pyarrow, the
+    one optional dependency, is needed for them alone."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise OSError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    return pyarrow.parquet.read_table(path).to_pylist()

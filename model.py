@@ -286,6 +286,23 @@ class GPT(nn.Module):
         load_hf_state_dict(model, tensors, path)
         return model
 
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors as transformers' save_pretrained does, so that this class,
+        transformers and sample.py all load the directory. Each file is written to a temp name and renamed."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+              "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
+              "n_ctx": c.block_size, "vocab_size": c.vocab_size, "layer_norm_epsilon": 1e-5, "n_inner": None,
+              "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True,
+              "attn_pdrop": c.dropout, "embd_pdrop": c.dropout, "resid_pdrop": c.dropout}
+        tmp = directory / "config.json.tmp"
+        tmp.write_text(json.dumps(hf, indent=2))
+        os.replace(tmp, directory / "config.json")
+        tensors = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+        save_safetensors(tensors, directory / "model.safetensors", {"format": "pt", "n_head": str(c.n_head)})
+
 
 def sample(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from (B, V) log-probabilities: argmax if greedy, else temperature, top-k, top-p."""
@@ -369,6 +386,23 @@ def load_safetensors(path):
             f.readinto(t.view(-1).view(torch.uint8).numpy())  # little-endian on disk, as on every host we run on
             tensors[name] = t
     return tensors, metadata
+
+
+def save_safetensors(tensors, path, metadata):
+    """Write {name: tensor} as a .safetensors file (the format load_safetensors reads), atomically."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # pad the header so tensor data starts 8-byte aligned
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
 
 
 def config_from_hf_json(path):

@@ -15,6 +15,7 @@ import torch
 
 import chat
 from model import GPT, autocast, pick_device, pick_dtype
+from train import parse_flags
 
 # ----------------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
@@ -31,34 +32,6 @@ DEFAULTS = {
     "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
 }
 # ---------------------------------------------------------------------------------------------------------
-
-
-def parse_flags(defaults, argv, doc):
-    """nanoGPT's --key=value flags without exec: each value is parsed as the type of its default.
-    A bare --flag means True. --help prints every flag with its default."""
-    config = {key: value for key, (value, _) in defaults.items()}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(doc.strip() + "\n\nflags, with their defaults:")
-            for key, (value, text) in defaults.items():
-                print(f"  {f'--{key}={value}':<24} {text}")
-            sys.exit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in config:
-            raise ValueError(f"unknown argument {arg!r} (see --help)")
-        config[key] = convert(key, value if eq else "True", type(config[key]))
-    return config
-
-
-def convert(key, value, kind):
-    if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--{key}={value}: expected True or False")
-        return value.lower() in ("true", "1")
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"--{key}={value}: expected {kind.__name__}") from None
 
 
 def load_model(init_from, device):

@@ -2,6 +2,7 @@
 Speed against HF transformers, measured in one run on the same machine and reported as ratios.
 
     python tests/bench.py generate      # greedy decode, gpt2 shape, random weights, CPU fp32
+    python tests/bench.py train         # one optimizer step (forward + backward + AdamW), gpt2 shape, CPU fp32
 
 Not a test: numbers depend on the machine, so nothing here asserts a time. Needs the test requirements.
 """
@@ -62,6 +63,33 @@ def bench_generate(new_tokens=64):
           f"{ours_1 * 8 / ours_8:.1f}x batch 1")
 
 
+def bench_train(batch=4, T=256):
+    ours, hf = gpt2_pair()
+    ours.train(), hf.train()
+    hf.config.attn_pdrop = hf.config.resid_pdrop = hf.config.embd_pdrop = 0.0  # ours trains with dropout 0 too
+    for m in hf.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.randint(0, 50257, (batch, T), generator=torch.Generator().manual_seed(0))
+    targets = torch.cat([x[:, 1:], torch.full((batch, 1), -1)], dim=1)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, weight_decay=0.0)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
+
+    def step_ours():
+        ours(x, targets)[1].backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_hf():
+        hf(x, labels=x).loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+    t_ours, t_hf = interleaved([step_ours, step_hf], rounds=3)
+    print(f"train step (forward + backward + AdamW), gpt2 shape, CPU fp32, batch {batch} x {T} tokens, "
+          f"{torch.get_num_threads()} threads, best of 3 interleaved")
+    print(f"  ours {t_ours:.2f} s   HF {t_hf:.2f} s   time ratio ours/HF {t_ours / t_hf:.2f}")
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "generate"
-    {"generate": bench_generate}[which]()
+    {"generate": bench_generate, "train": bench_train}[which]()

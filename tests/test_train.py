@@ -1,0 +1,207 @@
+"""train.py: the masked loss against HF, training through the CLI, exact resume, atomic checkpoints, DDP."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+import chat
+import train
+from model import GPT
+
+# a tiny GPT-2-shaped model from scratch on the shipped sample data: seconds per run on a CPU
+TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=128", "--data=sample",
+        "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--device=cpu", "--show_examples=0"]
+
+
+def run(*args, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          **kwargs)
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in open(out_dir / "log.jsonl")]
+
+
+def test_masked_batch_loss_equals_hf(small_hf):
+    hf, directory = small_hf
+    model = GPT.from_pretrained(directory).eval()
+    conversations = chat.read_conversations(ROOT / "data" / "sample" / "sample_train.jsonl")[30:35]  # multi-turn too
+    examples, _ = train.tokenize(conversations, block_size=128)
+    x, y = train.collate(examples, "cpu", block_size=128)
+    assert x.shape[1] == 128 and (y == -1).any() and (y != -1).any()  # padded, and partly masked
+    _, loss = model(x, y)
+    labels = torch.full_like(x, -100)  # HF shifts labels itself: label t = token t where the mask says train
+    for i, (ids, _) in enumerate(examples):
+        _, mask = chat.encode_chat(conversations[i])
+        labels[i, :len(ids)] = torch.tensor([t if m else -100 for t, m in zip(ids, mask[:len(ids)])])
+    with torch.no_grad():
+        ref = hf(x, labels=labels).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+
+
+def test_truncation_is_counted():
+    conversations = chat.read_conversations(ROOT / "data" / "sample" / "sample_train.jsonl")
+    examples, truncated = train.tokenize(conversations, block_size=20)
+    assert truncated == sum(len(chat.encode_chat(c)[0]) > 20 for c in conversations) > 0
+    assert all(len(ids) <= 20 for ids, _ in examples)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    config = {"learning_rate": 1.0, "warmup_ratio": 0.1}
+    lrs = [train.get_lr(s, 100, config) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[99] == pytest.approx(1 / 90)
+
+
+def test_two_processes_see_what_one_sees_with_double_accumulation():
+    examples = list(range(13))
+    one = {"batch_size": 2, "gradient_accumulation_steps": 4, "seed": 5}
+    two = {**one, "gradient_accumulation_steps": 2}
+    for step in range(5):  # crosses epoch boundaries: 8 examples a step, 13 in an epoch
+        single = train.micro_batches(examples, step, one, rank=0, world=1)
+        assert single == train.micro_batches(examples, step, two, 0, 2) + train.micro_batches(examples, step, two, 1, 2)
+    seen = [e for step in range(13) for b in train.micro_batches(examples, step, one, 0, 1) for e in b]
+    assert sorted(seen[:13]) == examples and seen[:13] != examples  # each epoch is a shuffled permutation
+
+
+def test_cli_training_lowers_loss_and_exports(tmp_path):
+    out = tmp_path / "run"
+    r = run(*TINY, "--max_iters=30", "--eval_interval=10", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "0 truncated" in r.stdout
+    trace = losses(out)
+    assert len(trace) == 30 and trace[-1] < trace[0] - 3  # from ~10.8 (uniform over 50257) to well below
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log if "val_loss" in r] == [10, 20, 30]
+    # the out_dir is an HF model directory: ours, transformers and sample.py load it
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    ours = GPT.from_pretrained(out).eval()
+    idx = torch.randint(0, 50257, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+    s = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--init_from={out}", "--prompt=Name three primary colors.",
+                        "--max_new_tokens=8"], capture_output=True, text=True, cwd=ROOT)
+    assert s.returncode == 0 and "loaded" in s.stderr, s.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["samples_seen"] == 30 * 8 and ckpt["config"]["data"] == "sample"
+
+
+def test_stop_and_resume_gives_the_same_losses(tmp_path):
+    whole = tmp_path / "whole"
+    assert run(*TINY, "--max_iters=24", "--eval_interval=100", f"--out_dir={whole}").returncode == 0
+    part = tmp_path / "part"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--max_iters=24", "--eval_interval=100",
+                          f"--out_dir={part}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((part / "log.jsonl").exists() and len(losses(part)) >= 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, checkpoint, exit
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0 and "stopped at step" in stdout, stderr
+    stopped = torch.load(part / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 24
+    r = run("--init_from=resume", f"--out_dir={part}", "--device=cpu")
+    assert r.returncode == 0 and f"resuming {part} at step {stopped}" in r.stdout, r.stderr
+    assert losses(part) == pytest.approx(losses(whole), abs=1e-6)
+    assert torch.equal(GPT.from_pretrained(part).lm_head.weight, GPT.from_pretrained(whole).lm_head.weight)
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import train; "
+            "train.save_checkpoint({'step': 2, 'w': torch.zeros(300_000_000, dtype=torch.uint8)}, sys.argv[2])")
+    p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)])
+    tmp = tmp_path / "ckpt.pt.tmp"
+    while not (tmp.exists() and tmp.stat().st_size > 0) and p.poll() is None:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the save finished before it could be killed"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    common = [*TINY, "--max_iters=6", "--eval_interval=100", "--batch_size=2"]
+    one = run(*common, "--gradient_accumulation_steps=4", f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                          str(ROOT / "train.py"), *common, "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes; 6 steps of 8 sequences" in two.stdout
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    a, b = GPT.from_pretrained(tmp_path / "one"), GPT.from_pretrained(tmp_path / "two")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    r = run(*TINY, "--max_iters=50", "--eval_interval=1", "--learning_rate=1e30", "--grad_clip=0", f"--out_dir={out}")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss is") and "stopping. Last good checkpoint:" in last and "ckpt.pt (step" in last
+    step = int(last.split("(step ")[1].split(")")[0])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
+
+
+BAD = [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n', ":2: malformed JSON"),
+    (b'{"text": "hi"}\n', ":1: missing field 'messages'"),
+    (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', ":1: messages[0].role is 'bot'"),
+    (b'{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}\n', ":1: messages[0].content must be a string"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}\n', ":1: messages[1].content is empty"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: no assistant turn"),
+    (b'\n{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n', ":2: not UTF-8"),
+    (b"", ": empty file"),
+    (b"\n\n", ": empty file"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD)
+def test_bad_data_is_one_line_with_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        chat.read_conversations(path)
+    assert str(e.value).startswith(str(path) + message) and "\n" not in str(e.value)
+
+
+def test_bad_inputs_through_the_cli(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(BAD[2][0])
+    for args, message in [((f"--data={bad}",), f"{bad}:1: messages[0].role is 'bot'"),
+                          (("--data=nonsense",), "--data=nonsense: unknown data name"),
+                          (("--max_iters=ten",), "--max_iters=ten: expected int"),
+                          (("--init_from=resume", f"--out_dir={tmp_path}"), "no checkpoint to resume")]:
+        r = run(*TINY, *args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_toml_config_and_flags_override(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('data = "sample"\nmax_iters = 3\nlearning_rate = 1e-3\ncompile = false\n')
+    config = train.parse_flags(train.DEFAULTS, [str(cfg), "--max_iters=5", "--compile"], "")
+    assert (config["data"], config["max_iters"], config["learning_rate"], config["compile"]) == ("sample", 5, 1e-3, True)
+    cfg.write_text('data = "sample"\nbogus = 1\n')
+    with pytest.raises(ValueError, match="run.toml: unknown key 'bogus'"):
+        train.parse_flags(train.DEFAULTS, [str(cfg)], "")
+    for name in ("instruction_tuning", "response_tuning", "poetry", "smoke"):  # the shipped configs parse
+        train.parse_flags(train.DEFAULTS, [str(ROOT / "config" / f"{name}.toml")], "")

@@ -1,0 +1,419 @@
+"""
+Finetune GPT-2 in the paper's chat format, with the loss on assistant tokens only.
+
+    python train.py                                   # the default run: response-tune gpt2 on Dolly
+    python train.py config/instruction_tuning.toml    # the baseline: LIMA, instructions and responses
+    python train.py config/response_tuning.toml       # LIMA responses with empty instructions (paper section 3)
+    python train.py config/poetry.toml                # single-task finetuning on poems (paper section 4)
+    python train.py config/smoke.toml                 # a tiny model on data/sample: runs on a CPU, no download
+    python train.py config/poetry.toml --init_from=gpt2-medium --batch_size=4 --gradient_accumulation_steps=16
+    torchrun --standalone --nproc_per_node=4 train.py config/instruction_tuning.toml
+    python train.py --init_from=resume --out_dir=out/dolly_responses   # continue a stopped run (Ctrl-C stops one)
+
+A TOML file sets any of the flags below; flags after it override it. The out_dir ends up holding ckpt.pt (to
+resume), config.json + model.safetensors (HF format: sample.py, transformers and GPT.from_pretrained load it),
+log.jsonl and loss.png.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import chat
+from model import GPT, GPTConfig, autocast, pick_device, pick_dtype
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------- defaults
+# The default run is response tuning of gpt2 on Dolly (open, ungated). Hyperparameters follow the paper
+# (AdamW, no weight decay, linear warmup then linear decay as in open-instruct, 64 sequences per step)
+# adapted to GPT-2: lr 5e-5 instead of the 7B model's 1e-5, since small models need larger steps.
+DEFAULTS = {
+    "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory or .safetensors file, 'scratch', or 'resume'"),
+    "data": ("dolly_responses", "a messages JSONL file, or a prepared name: lima, lima_responses, poetry, "
+                                "dolly, dolly_responses, gsm8k, mbpp, sample"),
+    "val_data": ("", "messages JSONL for the eval loss (default: the prepared data's val split)"),
+    "out_dir": ("", "where checkpoints and logs go (default: out/<data name>)"),
+    "epochs": (1.0, "passes over the data (1 epoch of Dolly = the step count of 15 LIMA epochs)"),
+    "max_iters": (0, "optimizer steps; 0 = as many as `epochs` takes"),
+    "batch_size": (8, "sequences per micro-batch per process"),
+    "gradient_accumulation_steps": (8, "micro-batches per step: 8 x 8 = the paper's 64 sequences per step"),
+    "learning_rate": (5e-5, "peak learning rate"),
+    "warmup_ratio": (0.03, "share of steps spent warming up linearly (open-instruct's default)"),
+    "weight_decay": (0.0, "the paper uses none"),
+    "grad_clip": (1.0, "clip the gradient norm to this; 0 = off"),
+    "block_size": (1024, "tokens per example; longer ones are truncated (and counted)"),
+    "dropout": (0.0, "dropout in the model while training"),
+    "eval_interval": (50, "evaluate, checkpoint and export every this many steps (and at the end)"),
+    "show_examples": (3, "print answers to this many held-out instructions before and after training"),
+    "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
+    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
+    "compile": (False, "torch.compile the model (faster on GPUs, slow to start)"),
+    "seed": (1337, "seeds the data order, initialization and dropout"),
+    "n_layer": (12, "with init_from=scratch: layers"),
+    "n_head": (12, "with init_from=scratch: heads"),
+    "n_embd": (768, "with init_from=scratch: width"),
+}
+EXAMPLES = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
+            "Write a short poem about the ocean.",
+            "What are three tips for staying focused while studying?"]
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_flags(defaults, argv, doc):
+    """nanoGPT's configuration without exec: an optional TOML file, then --key=value flags, each parsed as the
+    type of its default (a bare --flag means True). --help prints every flag with its default."""
+    config = {key: value for key, (value, _) in defaults.items()}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(doc.strip() + "\n\nflags, with their defaults:")
+            for key, (value, text) in defaults.items():
+                print(f"  {f'--{key}={value}':<30} {text}")
+            sys.exit(0)
+        if arg.endswith(".toml") and not arg.startswith("--"):
+            for key, value in read_toml(arg).items():
+                if key not in config:
+                    raise ValueError(f"{arg}: unknown key '{key}' (see --help)")
+                config[key] = convert(f"{arg}: {key}", str(value), type(config[key]))
+            continue
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in config:
+            raise ValueError(f"unknown argument {arg!r} (see --help)")
+        config[key] = convert(f"--{key}", value if eq else "True", type(config[key]))
+    return config
+
+
+def read_toml(path):
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def convert(where, value, kind):
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{where}={value}: expected true or false")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{where}={value}: expected {kind.__name__}") from None
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+def data_files(name):
+    """(train, val) paths for --data: a JSONL path (no val split), or a prepared name, prepared on first use
+    by running data/<name>/prepare.py (which may download). X_responses lives beside X."""
+    if name.endswith(".jsonl"):
+        return Path(name), None
+    base = name.removesuffix("_responses")
+    train, val = ROOT / "data" / base / f"{name}_train.jsonl", ROOT / "data" / base / f"{name}_val.jsonl"
+    prepare = ROOT / "data" / base / "prepare.py"
+    if not train.is_file() and prepare.is_file():
+        print(f"{train.relative_to(ROOT)} is missing: running {prepare.relative_to(ROOT)}", file=sys.stderr)
+        if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
+            raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
+    if not train.is_file():
+        known = sorted(p.name.removesuffix("_train.jsonl") for p in (ROOT / "data").glob("*/*_train.jsonl"))
+        known += [p.parent.name for p in (ROOT / "data").glob("*/prepare.py") if p.parent.name not in known]
+        raise ValueError(f"--data={name}: unknown data name and not a .jsonl file (known: {', '.join(sorted(set(known)))})")
+    return train, val if val.is_file() else None
+
+
+def tokenize(conversations, block_size):
+    """(ids, targets) per conversation, cut to block_size tokens; targets are -1 where no loss is taken."""
+    examples, truncated = [], 0
+    for messages in conversations:
+        ids, mask = chat.encode_chat(messages)
+        truncated += len(ids) > block_size
+        ids, mask = ids[:block_size], mask[:block_size]
+        targets = chat.targets_from_mask(ids, mask)
+        if any(t != -1 for t in targets):  # a response that starts beyond block_size leaves nothing to learn
+            examples.append((ids, targets))
+    return examples, truncated
+
+
+def collate(examples, device, block_size):
+    """Right-pad a micro-batch to its longest example, rounded up to a multiple of 64 (fewer distinct shapes for
+    torch.compile, tensor-core friendly). Right padding needs no attention mask: real tokens never look
+    ahead, and padded targets are -1, outside the loss."""
+    T = min(-(-max(len(ids) for ids, _ in examples) // 64) * 64, block_size)
+    x = torch.zeros((len(examples), T), dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (ids, targets) in enumerate(examples):
+        x[i, :len(ids)] = torch.tensor(ids)
+        y[i, :len(targets)] = torch.tensor(targets)
+    return x.to(device), y.to(device)
+
+
+def micro_batches(examples, step, config, rank, world):
+    """The micro-batches of optimizer step `step` for this process. All processes walk one global order (a
+    fresh seeded permutation each epoch); step s takes the next batch_size * accumulation * world examples,
+    and process r takes the r-th slice. So the data position is the step itself, and 2 processes see exactly
+    the micro-batches 1 process sees with twice the accumulation."""
+    B, A, n = config["batch_size"], config["gradient_accumulation_steps"], len(examples)
+    start = step * B * A * world + rank * B * A
+    indices = []
+    for k in range(start, start + B * A):
+        epoch, i = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config["seed"] + epoch))
+        indices.append(int(order[i]))
+    return [[examples[i] for i in indices[m * B:(m + 1) * B]] for m in range(A)]
+
+
+def get_lr(step, max_iters, config):
+    """Linear warmup to learning_rate, then linear decay to 0 at max_iters (open-instruct's schedule)."""
+    warmup = math.ceil(config["warmup_ratio"] * max_iters)
+    if step < warmup:
+        return config["learning_rate"] * (step + 1) / warmup
+    return config["learning_rate"] * max(0.0, (max_iters - step) / max(1, max_iters - warmup))
+
+
+# ------------------------------------------------------------------------------------ evaluation and output
+
+@torch.no_grad()
+def evaluate(model, examples, config, device, dtype):
+    """Mean loss per trained token over the whole validation set."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), config["batch_size"]):
+        x, y = collate(examples[i:i + config["batch_size"]], device, config["block_size"])
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        n = int((y != -1).sum())
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def show_examples(model, title, n, device, dtype):
+    if n <= 0:
+        return
+    print(f"\n=== {title} ===")
+    model.eval()
+    with autocast(device, dtype):
+        outs = model.generate([chat.encode_prompt(q) for q in EXAMPLES[:n]], 128, greedy=True)
+    model.train()
+    for q, out in zip(EXAMPLES[:n], outs):
+        print(f"<|user|> {q}\n<|assistant|> {chat.decode(out).strip()}{'' if out[-1:] == [chat.EOT] else ' [...]'}\n")
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temp file, then rename: a crash or SIGKILL mid-write leaves the old checkpoint whole."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(log, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib to get loss.png; the numbers are in log.jsonl)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    ax.plot(*zip(*train), label="train (assistant tokens)", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="loss per token (nats)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}  # dense bf16
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 flops per second, for model flops utilization (MFU); None if unknown."""
+    if not device.startswith("cuda"):
+        return None
+    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def main(argv):
+    config = parse_flags(DEFAULTS, argv, __doc__)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(config["device"])
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    dtype = pick_dtype(device, config["dtype"])
+
+    # the run's directory; resuming takes the run's own configuration from its checkpoint
+    resume = config["init_from"] == "resume"
+    if not config["out_dir"]:
+        if resume:
+            raise ValueError("--init_from=resume needs --out_dir of the run to continue")
+        config["out_dir"] = str(Path("out") / Path(config["data"]).stem)
+    out_dir = Path(config["out_dir"])
+    ckpt = None
+    if resume:
+        if not (out_dir / "ckpt.pt").is_file():
+            raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
+        ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+        config = {**ckpt["config"], "init_from": "resume", "device": config["device"], "dtype": config["dtype"]}
+    torch.manual_seed(config["seed"])
+
+    # data: conversations -> chat format -> tokens + loss mask
+    train_path, val_path = data_files(config["data"])
+    val_path = Path(config["val_data"]) if config["val_data"] else val_path
+    train, truncated = tokenize(chat.read_conversations(train_path), config["block_size"])
+    val = tokenize(chat.read_conversations(val_path), config["block_size"])[0] if val_path else []
+    say(f"data: {len(train)} training conversations from {train_path} ({truncated} truncated to "
+        f"{config['block_size']} tokens), {len(val)} for validation" + ("" if val else " (no val split: no eval loss)"))
+    per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
+    max_iters = config["max_iters"] or math.ceil(config["epochs"] * len(train) / per_step)
+
+    # model
+    if resume or config["init_from"] == "scratch":
+        shape = ckpt["model_config"] if resume else dict(n_layer=config["n_layer"], n_head=config["n_head"],
+                                                          n_embd=config["n_embd"], block_size=config["block_size"])
+        model = GPT(GPTConfig(**{**shape, "dropout": config["dropout"]}))
+        if resume:
+            model.load_state_dict(ckpt["model"])
+    else:
+        model = GPT.from_pretrained(config["init_from"], dropout=config["dropout"])
+    if config["block_size"] > model.config.block_size:
+        raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
+    model.to(device)
+    say(f"model: {config['init_from']}, {model.num_params() / 1e6:.1f}M parameters, on {device} in {dtype}, "
+        f"{world} process{'es' if world > 1 else ''}; {max_iters} steps of {per_step} sequences")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config["weight_decay"], fused=device.startswith("cuda"))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    step, log = 0, []
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, log = ckpt["step"], ckpt["log"]
+        torch.set_rng_state(ckpt["rng"])
+        if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        say(f"resuming {out_dir} at step {step}")
+    elif master:
+        show_examples(model, "before training", config["show_examples"], device, dtype)
+    raw_model = model
+    if config["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history when resuming
+            f.writelines(json.dumps(r) + "\n" for r in log)
+
+    def checkpoint():
+        raw_model.save_pretrained(out_dir)
+        save_checkpoint({"model": raw_model.state_dict(), "model_config": {k: v for k, v in vars(raw_model.config).items() if k != "dropout"},
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": config,
+                         "step": step, "samples_seen": step * per_step, "log": log, "rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
+                        out_dir / "ckpt.pt")
+
+    stop = []  # Ctrl-C (or SIGTERM) finishes the current step, checkpoints and exits; resume continues exactly
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+
+    peak = peak_flops(device)
+    flops_per_token = 6 * raw_model.num_params()  # forward + backward (PaLM, appendix B)
+    saved = step if resume else None  # the step of the last checkpoint written
+    model.train()
+    bar = tqdm(total=max_iters, initial=step, desc="training", disable=not master, dynamic_ncols=True)
+    while step < max_iters and not stop:
+        t0 = time.time()
+        lr = get_lr(step, max_iters, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        examples = micro_batches(train, step, config, rank, world)
+        batches = [collate(b, device, config["block_size"]) for b in examples]
+        # every trained token of the step weighs the same, whichever micro-batch or process it is in
+        n_tokens = torch.tensor(float(sum(int((y != -1).sum()) for _, y in batches)), device=device)
+        if ddp:
+            torch.distributed.all_reduce(n_tokens)
+        step_loss = torch.zeros((), device=device)
+        for m, (x, y) in enumerate(batches):
+            sync = not ddp or m == len(batches) - 1  # DDP averages gradients only on the last micro-batch
+            with autocast(device, dtype), (nullcontext() if sync else model.no_sync()):
+                _, loss = model(x, y)
+                loss = loss * (y != -1).sum() / n_tokens  # this micro-batch's share of the step's mean loss
+            step_loss += loss.detach()
+            scaler.scale(loss * world).backward()  # * world: DDP divides the summed gradients by world
+        if ddp:
+            torch.distributed.all_reduce(step_loss)
+            stopping = torch.tensor(float(bool(stop)), device=device)  # all processes stop at the same step
+            torch.distributed.all_reduce(stopping, op=torch.distributed.ReduceOp.MAX)
+            if stopping.item() and not stop:
+                stop.append(True)
+        if not torch.isfinite(step_loss):
+            last = f"{out_dir / 'ckpt.pt'} (step {saved})" if saved is not None else "none yet"
+            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; stopping. Last good checkpoint: "
+                                     f"{last}. Try a lower --learning_rate.")
+        if config["grad_clip"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_per_s = sum(len(ids) for b in examples for ids, _ in b) * world / (time.time() - t0)  # real tokens
+        log.append({"step": step, "loss": round(step_loss.item(), 6), "lr": lr, "tokens_per_s": round(tokens_per_s)})
+        bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                        **({"mfu": f"{100 * flops_per_token * tokens_per_s / peak:.1f}%"} if peak else {}))
+        bar.update()
+        if master and (step % config["eval_interval"] == 0 or step == max_iters or stop):
+            if val:
+                log[-1]["val_loss"] = round(evaluate(raw_model, val, config, device, dtype), 6)
+                bar.write(f"step {step}: train loss {step_loss.item():.4f}, val loss {log[-1]['val_loss']:.4f}")
+            checkpoint()
+            saved = step
+        if master:
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(log[-1]) + "\n")
+    bar.close()
+    if ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not master:
+        return
+    if stop:
+        print(f"stopped at step {step}; continue with: python train.py --init_from=resume --out_dir={out_dir}")
+        return
+    if device.startswith("cuda"):
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    plot_losses(log, out_dir / "loss.png")
+    show_examples(raw_model, "after training", config["show_examples"], device, dtype)
+    print(f"done: {out_dir}/ holds the HF-format model; try python sample.py --init_from={out_dir} --prompt=\"...\"")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError, FloatingPointError) as e:  # user mistakes, data errors, downloads: one line
+        sys.exit(f"error: {e}")
