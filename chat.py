@@ -147,6 +147,42 @@ def check_messages(messages, where):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def read_instructions(path):
+    """Instructions to answer: JSONL with an "instruction" field per line (the paper's val.jsonl), or
+    AlpacaEval's JSON list of {"instruction", "dataset", ...}. Returns [{"instruction", "dataset"}, ...]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    rows = []
+    if text.lstrip().startswith("["):  # AlpacaEval: one JSON list
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        rows = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ValueError(f"{where}: missing string field 'instruction'")
+        if not row["instruction"].strip():
+            raise ValueError(f"{where}: empty instruction")
+        out.append({"instruction": row["instruction"], "dataset": row.get("dataset", path.stem)})
+    if not out:
+        raise ValueError(f"{path}: empty file, no instructions")
+    return out
+
+
 def write_jsonl(path, rows):
     """Write rows as JSON lines, atomically: a temporary file renamed into place."""
     path = Path(path)

@@ -188,13 +188,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
-                 hook=None, eos=EOT, use_cache=True, generator=None):
+                 hook=None, callback=None, eos=EOT, use_cache=True, generator=None):
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens.
 
         hook(logprobs, generated) -> bias: called at every step with the next-token log-probabilities
         (B, vocab_size) and the tokens generated so far (B, n); the bias is added and the sum renormalized,
-        a product of experts (paper section 5). Returns one list of new tokens per prompt, ending at `eos`
-        (included) if it was produced; eos=None always runs max_new_tokens.
+        a product of experts (paper section 5). callback(logprobs, tokens), if given, sees the final
+        log-probabilities and the tokens chosen at each step (streaming uses it). Returns one list of new
+        tokens per prompt, ending at `eos` (included) if it was produced; eos=None always runs max_new_tokens.
 
         Prompts are left-padded to a common length P, so that new tokens are appended in one column.
         Padding is masked out of attention and positions count from each prompt's first real token, so a
@@ -247,6 +248,8 @@ class GPT(nn.Module):
                 logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
             nxt = sample(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(done, EOT, nxt)  # finished rows run on until all are done; cut off below
+            if callback is not None:
+                callback(logprobs, nxt)
             generated = torch.cat([generated, nxt[:, None]], dim=1)
             if eos is not None:
                 done |= nxt == eos

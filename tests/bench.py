@@ -3,6 +3,7 @@ Speed against HF transformers, measured in one run on the same machine and repor
 
     python tests/bench.py generate      # greedy decode, gpt2 shape, random weights, CPU fp32
     python tests/bench.py train         # one optimizer step (forward + backward + AdamW), gpt2 shape, CPU fp32
+    python tests/bench.py rules         # greedy decode of 1,000 tokens with all rules vs none; the rules' step cost
 
 Not a test: numbers depend on the machine, so nothing here asserts a time. Needs the test requirements.
 """
@@ -90,6 +91,29 @@ def bench_train(batch=4, T=256):
     print(f"  ours {t_ours:.2f} s   HF {t_hf:.2f} s   time ratio ours/HF {t_ours / t_hf:.2f}")
 
 
+@torch.no_grad()
+def bench_rules(new_tokens=1000):
+    from rules import RuleState, Rules
+    ours, _ = gpt2_pair()
+    prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    none, ruled = interleaved([
+        lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None),
+        lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None, hook=RuleState([prompt], Rules())),
+    ], rounds=2)
+    print(f"greedy decode of {new_tokens} tokens, gpt2 shape, CPU fp32, best of 2 interleaved")
+    print(f"  no rules {1000 * none / new_tokens:.1f} ms/token   all rules {1000 * ruled / new_tokens:.1f} ms/token   "
+          f"ratio {ruled / none:.3f}x")
+    # the rules' own cost per step, after 100 and after 1,000 tokens: a seen-mask and a counter, never a rescan
+    for n in (100, 1000):
+        state, generated = RuleState([prompt], Rules()), torch.randint(0, 50257, (1, n))
+        for t in range(1, n + 1):
+            state.update(generated[0, t - 1:t])
+        state.steps = n
+        logprobs = torch.zeros(1, 50257)
+        t = timed(lambda: [state(logprobs, generated) for _ in range(200)]) / 200
+        print(f"  rules' step after {n:>4} tokens: {1e6 * t:.0f} us")
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "generate"
-    {"generate": bench_generate, "train": bench_train}[which]()
+    {"generate": bench_generate, "train": bench_train, "rules": bench_rules}[which]()

@@ -1,0 +1,215 @@
+"""
+The rule-based language model of section 5: three hand-written rules which, multiplied with a pretrained LM
+(a product of experts), make it follow instructions.
+
+    python sample.py --rules --prompt="Give me a recipe for tiramisu."      # GPT-2 x all three rules
+    python sample.py --rules=eos,uniform --prompt="..."                     # any subset; --rules=none: off
+    python rules.py                                  # prints the rules' biases step by step and draws rules.png
+
+Next-token log-probabilities are log_softmax(GPT-2 logits) + log_softmax(rule scores), renormalized, and
+decoding is greedy, as in the paper's evaluation. The rules score the next token from the tokens so far:
+
+  EOS        <|endoftext|> gets +15 * n / 250 after n response tokens (0 < n < 250): responses end sooner.
+  diversity  every distinct token already present after the user tag gets -1.5, once per id: less repetition.
+  uniform    15 fixed tokens always get a fixed bias: fewer "I", "What", "should", more lists and newlines.
+
+`rule_bias` computes the scores from scratch, to be read next to the paper. `RuleState` is what the sampler
+uses: per sequence, a mask of tokens seen and a response-length counter, updated with each new token, so a
+step costs the same at token 1,000 as at token 1 and each sequence of a batch keeps its own state.
+"""
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EOT = 50256  # <|endoftext|>, GPT-2's end of sequence
+VOCAB = 50257
+USER_TAG = [27, 91, 7220, 91, 29]  # "<|user|>" in GPT-2 tokens
+
+# The uniform rule (paper Listing 1 and Table 8), mapped from Llama's tokens to GPT-2's by their strings.
+# Llama's "▁X" is the word X after a space, which GPT-2 spells " X" (leading space); Llama's "X" without ▁ is X
+# at the start of a line or glued to punctuation, which GPT-2 spells "X". GPT-2 has no two-space token: a run
+# of spaces is spelled with single-space tokens (220), so 220 stands in for Llama's "▁▁".
+#          paper token  GPT-2 string  GPT-2 id  bias
+UNIFORM = [("<",        "<",            27,    -4.0),
+           ("▁<",       " <",         1279,    -4.0),
+           ("|",        "|",            91,    -4.0),
+           ("▁I",       " I",          314,    -5.0),
+           ("I",        "I",            40,    -5.0),
+           ("▁We",      " We",         775,    -3.0),
+           ("▁What",    " What",      1867,    -5.0),  # Listing 1 and the official code; Table 8 says -3
+           ("▁should",  " should",     815,    -6.0),
+           ("-",        "-",            12,    +1.0),
+           ("*",        "*",             9,    +1.0),
+           ("▁▁",       " ",           220,    +1.0),
+           ("#",        "#",             2,    +1.0),
+           ("##",       "##",         2235,    +1.0),
+           ("<0x0A>",   "\n",          198,    +1.0),
+           ("!",        "!",             0,    +1.0)]
+RULES = ("eos", "diversity", "uniform")
+
+
+@dataclass
+class Rules:
+    """Which rules are on, and the choices where the official code and the paper's text differ (README)."""
+    eos: bool = True
+    diversity: bool = True
+    uniform: bool = True
+    eos_hold: bool = False  # after 250 tokens keep the EOS bias at +15; the official code drops it back to 0
+    response_only: bool = False  # penalize repeats of response tokens only; the code also covers the instruction
+    what_bias: float = -5.0  # " What": -5 in Listing 1 and the code, -3 in Table 8
+
+
+def parse_rules(text, **options):
+    """'eos,diversity,uniform' (or 'all' / 'True', from a bare --rules) -> Rules; 'none' or '' -> None."""
+    names = {"all": RULES, "true": RULES, "none": (), "": ()}.get(text.lower())
+    if names is None:
+        names = tuple(name.strip() for name in text.split(","))
+        for name in names:
+            if name not in RULES:
+                raise ValueError(f"--rules={text}: unknown rule '{name}' (use {', '.join(RULES)}, all or none)")
+    if not names:
+        return None
+    return Rules(**{name: name in names for name in RULES}, **options)
+
+
+def uniform_bias(rules):
+    bias = torch.zeros(VOCAB)
+    for _, _, token, value in UNIFORM:
+        bias[token] = rules.what_bias if token == 1867 else value
+    return bias
+
+
+# ----------------------------------------------------------------------------------- the rules, from scratch
+
+def eos_bias(n, rules):
+    """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token."""
+    if 0 < n < 250:
+        return 15 * n / 250
+    return 15.0 if rules.eos_hold and n >= 250 else 0.0
+
+
+def after_user_tag(ids):
+    """Index just past the last "<|user|>" in ids (0 if there is none: raw text is all "instruction")."""
+    for i in range(len(ids) - len(USER_TAG), -1, -1):
+        if ids[i:i + len(USER_TAG)] == USER_TAG:
+            return i + len(USER_TAG)
+    return 0
+
+
+def rule_bias(ids, prompt_len, rules):
+    """The rule scores (vocab_size,) for the token after `ids`, a 1-D list whose first prompt_len tokens are
+    the prompt: the reference computation, from scratch, one rule at a time."""
+    bias = torch.zeros(VOCAB)
+    if rules.eos:
+        bias[EOT] += eos_bias(len(ids) - prompt_len, rules)
+    if rules.diversity:
+        start = prompt_len if rules.response_only else after_user_tag(ids[:prompt_len])
+        for token in set(ids[start:]):  # once per distinct id, however often it occurs
+            bias[token] -= 1.5
+    if rules.uniform:
+        bias += uniform_bias(rules)
+    return bias
+
+
+# --------------------------------------------------------------------------- the rules, incrementally, batched
+
+class RuleState:
+    """The rules for a batch of sequences, kept up to date one token at a time. Called by GPT.generate at each
+    step as a hook: returns the rule LM's log-probabilities (B, vocab_size) for the next token."""
+
+    def __init__(self, prompts, rules, device="cpu"):
+        self.rules, B = rules, len(prompts)
+        self.n = torch.zeros(B, device=device)  # response tokens generated so far
+        self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)  # ids the diversity rule penalizes
+        if not rules.response_only:
+            for b, prompt in enumerate(prompts):
+                self.seen[b, prompt[after_user_tag(prompt):]] = True
+        self.uniform = uniform_bias(rules).to(device) if rules.uniform else None
+        self.steps = 0
+
+    def update(self, tokens):
+        # tokens (B,): the token each sequence has just generated
+        self.n += 1
+        self.seen[torch.arange(len(tokens)), tokens] = True
+        self.steps += 1
+
+    def scores(self):
+        bias = torch.zeros_like(self.seen, dtype=torch.float32)  # (B, V)
+        if self.rules.eos:
+            ramp = torch.where((self.n > 0) & (self.n < 250), 15 * self.n / 250, 0.0)
+            if self.rules.eos_hold:
+                ramp = torch.where(self.n >= 250, 15.0, ramp)
+            bias[:, EOT] += ramp
+        if self.rules.diversity:
+            bias -= 1.5 * self.seen
+        if self.uniform is not None:
+            bias += self.uniform
+        return bias
+
+    def __call__(self, logprobs, generated):
+        # generated (B, n): all tokens so far; only the newest one is new to us
+        assert generated.size(1) in (self.steps, self.steps + 1), "one RuleState per generate call"
+        if generated.size(1) == self.steps + 1:
+            self.update(generated[:, -1])
+        return F.log_softmax(self.scores(), dim=-1)  # the rule LM as a distribution (a constant shift of scores)
+
+
+def product_of_experts(logits, rule_scores):
+    """log p(x) = log_softmax(LM logits) + log_softmax(rule scores), renormalized (section 5)."""
+    return F.log_softmax(F.log_softmax(logits.float(), dim=-1) + F.log_softmax(rule_scores, dim=-1), dim=-1)
+
+
+# -------------------------------------------------------------------------------------- the README's figure
+
+def explain(instruction, response, rules=Rules(), path="rules.png"):
+    """Print, for each token of a response, the bias the diversity and uniform rules gave it and the EOS rule's
+    bias on <|endoftext|> at that step; plot them to `path`, the EOS ramp drawn on to 260 tokens."""
+    import chat
+    prompt = chat.encode_prompt(instruction)
+    ids = prompt + chat.encode(response)
+    rows = []  # (step, token text, diversity bias on it, uniform bias on it, EOS bias)
+    for t in range(len(prompt), len(ids)):
+        diversity = rule_bias(ids[:t], len(prompt), DIVERSITY_ONLY)[ids[t]] if rules.diversity else 0.0
+        uniform = rule_bias(ids[:t], len(prompt), UNIFORM_ONLY)[ids[t]] if rules.uniform else 0.0
+        rows.append((t - len(prompt), chat.tokenizer().decode([ids[t]]), float(diversity), float(uniform),
+                     eos_bias(t - len(prompt), rules) if rules.eos else 0.0))
+    print(f"{'step':>4}  {'token':<14} {'diversity':>9} {'uniform':>9}   EOS bias (on <|endoftext|>)")
+    for step, text, diversity, uniform, eos in rows:
+        print(f"{step:>4}  {text!r:<14} {diversity:>+9.2f} {uniform:>+9.2f}   {eos:+.2f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib to draw the figure)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    steps = [r[0] for r in rows]
+    if rules.eos:
+        ax.plot(range(261), [eos_bias(n, rules) for n in range(261)], color="tab:red", ls=":", lw=1)
+        ax.plot(steps, [r[4] for r in rows], color="tab:red", label="EOS rule: bias on <|endoftext|> (dotted: on to 260)")
+    ax.step(steps, [r[2] for r in rows], where="mid", color="tab:blue", label="diversity rule: bias on the token written")
+    ax.step(steps, [r[3] for r in rows], where="mid", color="tab:green", label="uniform rule: bias on the token written")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(xlabel="response token n", ylabel="rule score (nats)", title=f"The rules while answering {instruction!r}")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+EOS_ONLY, DIVERSITY_ONLY, UNIFORM_ONLY = Rules(True, False, False), Rules(False, True, False), Rules(False, False, True)
+
+RESPONSE = """Here is a simple tiramisu:
+
+- Whisk 3 egg yolks with 75 g sugar until pale, then fold in 250 g mascarpone.
+- Dip ladyfingers briefly in strong coffee and lay them in a dish.
+- Spread half the cream on top, add another layer of ladyfingers, then the rest of the cream.
+- Chill for at least 4 hours and dust with cocoa before serving.
+
+Enjoy!"""
+
+if __name__ == "__main__":
+    explain("Give me a recipe for tiramisu.", RESPONSE, path=sys.argv[1] if len(sys.argv) > 1 else "rules.png")

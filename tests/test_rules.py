@@ -1,0 +1,214 @@
+"""rules.py: exact rule arithmetic, the incremental state against the from-scratch reference, the sampler."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+from hypothesis import given, settings, strategies as st
+
+import chat
+from model import GPT
+from rules import DIVERSITY_ONLY, EOS_ONLY, EOT, RULES, UNIFORM_ONLY, after_user_tag, UNIFORM, USER_TAG, VOCAB, RuleState, Rules, eos_bias, parse_rules, product_of_experts, rule_bias
+
+
+
+def test_eos_rule_ramps_then_drops():
+    r = Rules()
+    assert [eos_bias(n, r) for n in (0, 1, 125, 249, 250, 600)] == [0.0, 15 / 250, 7.5, 15 * 249 / 250, 0.0, 0.0]
+    hold = Rules(eos_hold=True)
+    assert [eos_bias(n, hold) for n in (0, 249, 250, 600)] == [0.0, 15 * 249 / 250, 15.0, 15.0]
+    prompt = [1, 2, 3]
+    for n, expected in ((0, 0.0), (1, 0.06), (125, 7.5), (249, 14.94), (250, 0.0)):
+        bias = rule_bias(prompt + [7] * n, len(prompt), EOS_ONLY)
+        assert bias[EOT].item() == pytest.approx(expected, abs=1e-6)
+        assert bias.count_nonzero() == (expected != 0)  # nothing but <|endoftext|>
+
+
+def test_diversity_rule_penalizes_distinct_ids_after_the_user_tag_once():
+    before, instruction, response = [11, 12, 13], [20, 21, 20, 22], [21, 30, 30, 30, 31]
+    prompt = before + USER_TAG + instruction
+    bias = rule_bias(prompt + response, len(prompt), DIVERSITY_ONLY)
+    penalized = {20, 21, 22, 30, 31}
+    assert set(bias.nonzero().flatten().tolist()) == penalized  # not 11-13, not the tag itself
+    assert all(bias[t].item() == -1.5 for t in penalized)  # 30 three times: still -1.5 once
+    only_response = rule_bias(prompt + response, len(prompt), Rules(False, True, False, response_only=True))
+    assert set(only_response.nonzero().flatten().tolist()) == {21, 30, 31}
+    # the last user tag counts (a multi-turn history), and the assistant tag after it is penalized too
+    ids = chat.encode_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                              {"role": "user", "content": "Bye"}])
+    bias = rule_bias(ids, len(ids), DIVERSITY_ONLY)
+    start = after_user_tag(ids)
+    assert chat.tokenizer().decode(ids[start:]) == "\nBye\n<|assistant|>\n"
+    assert set(bias.nonzero().flatten().tolist()) == set(ids[start:])
+
+
+def test_uniform_rule_tokens_and_biases():
+    assert len(UNIFORM) == 15 and len({token for _, _, token, _ in UNIFORM}) == 15
+    for paper, gpt2, token, _ in UNIFORM:
+        assert chat.tokenizer().decode([token]) == gpt2  # every id is the string written next to it
+        assert chat.encode(gpt2) == [token]
+    bias = rule_bias([1, 2], 2, UNIFORM_ONLY)
+    assert {t: bias[t].item() for t in bias.nonzero().flatten().tolist()} == {
+        27: -4, 1279: -4, 91: -4, 314: -5, 40: -5, 775: -3, 1867: -5, 815: -6,
+        12: 1, 9: 1, 220: 1, 2: 1, 2235: 1, 198: 1, 0: 1}
+    assert rule_bias([1, 2], 2, Rules(False, False, True, what_bias=-3.0))[1867].item() == -3  # Table 8's value
+
+
+def test_each_rule_alone_touches_only_its_tokens():
+    prompt = USER_TAG + [100, 101]
+    ids = prompt + [27, 500, 500]
+    total = rule_bias(ids, len(prompt), Rules())
+    parts = [rule_bias(ids, len(prompt), r) for r in (EOS_ONLY, DIVERSITY_ONLY, UNIFORM_ONLY)]
+    assert torch.equal(total, parts[0] + parts[1] + parts[2])
+    assert set(parts[0].nonzero().flatten().tolist()) == {EOT}
+    assert set(parts[1].nonzero().flatten().tolist()) == {100, 101, 27, 500}
+    assert set(parts[2].nonzero().flatten().tolist()) == {t for _, _, t, _ in UNIFORM}
+    assert total[27].item() == -4 - 1.5  # uniform and diversity add up on "<"
+
+
+def test_parse_rules():
+    assert parse_rules("none") is None and parse_rules("") is None
+    assert parse_rules("True") == Rules() == parse_rules("all") == parse_rules("eos,diversity,uniform")
+    assert parse_rules("uniform,eos") == Rules(eos=True, diversity=False, uniform=True)
+    with pytest.raises(ValueError, match="unknown rule 'speed'"):
+        parse_rules("eos,speed")
+
+
+token = st.integers(0, VOCAB - 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(before=st.lists(token, max_size=5), instruction=st.lists(token, max_size=20), with_tag=st.booleans(),
+       response=st.lists(st.integers(0, 60), min_size=1, max_size=300),  # small ids: many repeats
+       options=st.fixed_dictionaries({"eos": st.booleans(), "diversity": st.booleans(), "uniform": st.booleans(),
+                                      "eos_hold": st.booleans(), "response_only": st.booleans()}))
+def test_incremental_state_equals_the_reference_at_every_step(before, instruction, with_tag, response, options):
+    rules = Rules(**options)
+    prompt = before + (USER_TAG if with_tag else []) + instruction or [5]
+    state = RuleState([prompt], rules)
+    generated = torch.empty((1, 0), dtype=torch.long)
+    for t in range(len(response) + 1):
+        ours = state(torch.zeros(1, VOCAB), generated)[0]
+        reference = F.log_softmax(rule_bias(prompt + response[:t], len(prompt), rules), dim=-1)
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+        if t < len(response):
+            generated = torch.cat([generated, torch.tensor([[response[t]]])], dim=1)
+
+
+def test_batched_state_keeps_one_state_per_sequence():
+    prompts = [USER_TAG + [10, 11], [3, 4, 5] + USER_TAG + [12], [7]]
+    state = RuleState(prompts, Rules())
+    steps = torch.tensor([[13, 14, 15], [16, 16, 10], [17, 7, 7]])
+    for t in range(4):
+        batch = state(torch.zeros(3, VOCAB), steps[:, :t])
+        for b, p in enumerate(prompts):
+            reference = F.log_softmax(rule_bias(p + steps[b, :t].tolist(), len(p), Rules()), dim=-1)
+            torch.testing.assert_close(batch[b], reference, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def model(small_hf):
+    return GPT.from_pretrained(small_hf[1]).eval()
+
+
+def test_no_rules_is_plain_generation(model):
+    prompt = chat.encode_prompt("Write a poem called Rain")
+    plain = model.generate([prompt], 30, greedy=True, eos=None)
+    off = model.generate([prompt], 30, greedy=True, eos=None, hook=RuleState([prompt], Rules(False, False, False)))
+    assert plain == off
+
+
+def test_sampler_logprobs_are_the_product_of_experts(model):
+    prompt = chat.encode_prompt("Give me a recipe for tiramisu.")
+    state, base_seen, final = RuleState([prompt], Rules()), [], []
+
+    def hook(logprobs, generated):  # the rules' hook, recording GPT-2's log-probs as the sampler gets them
+        base_seen.append(logprobs[0].clone())
+        return state(logprobs, generated)
+    out = model.generate([prompt], 60, greedy=True, eos=None, hook=hook,
+                         callback=lambda logprobs, tokens: final.append(logprobs[0].clone()))[0]
+    assert len(final) == 60 and len(set(out)) > 5
+    for t in range(60):
+        ids = prompt + out[:t]
+        bias = rule_bias(ids, len(prompt), Rules())  # from scratch
+        expected = F.log_softmax(base_seen[t] + bias, dim=-1)
+        # within 1e-6, relative for log-probs: float32 spaces values near -16 by 1.9e-6
+        torch.testing.assert_close(final[t], expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(final[t].exp(), expected.exp(), atol=1e-6, rtol=0)
+        assert out[t] == int(expected.argmax())
+        with torch.no_grad():  # and those base log-probs are GPT-2's: the whole sequence again, no cache
+            logits = model(torch.tensor([ids]))[0][0, -1]
+        torch.testing.assert_close(base_seen[t], F.log_softmax(logits, dim=-1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(product_of_experts(logits, bias).exp(), F.log_softmax(
+            F.log_softmax(logits, dim=-1) + bias, dim=-1).exp(), atol=1e-6, rtol=0)
+
+
+def test_rules_change_greedy_output_and_batch_equals_alone(model):
+    prompts = [chat.encode_prompt(q) for q in ("Hi", "Write a poem called Rain", "List three colors please.")]
+    plain = model.generate(prompts, 40, greedy=True, eos=None)
+    ruled = model.generate(prompts, 40, greedy=True, eos=None, hook=RuleState(prompts, Rules()))
+    assert ruled != plain
+    for p, batch in zip(prompts, ruled):
+        assert model.generate([p], 40, greedy=True, eos=None, hook=RuleState([p], Rules()))[0] == batch
+
+
+def sample(*args):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_sample_cli_end_to_end(small_hf, tmp_path):
+    _, directory = small_hf
+    r = sample(f"--init_from={directory}", "--rules", "--prompt=Write a poem called Rain", "--max_new_tokens=12")
+    assert r.returncode == 0 and "rules: True" in r.stderr, r.stderr
+    plain = sample(f"--init_from={directory}", "--prompt=Write a poem called Rain", "--max_new_tokens=12")
+    ids = chat.encode_prompt("Write a poem called Rain")
+    model = GPT.from_pretrained(directory).eval()
+    assert plain.stdout == chat.decode(model.generate([ids], 12, greedy=True)[0]) + "\n"  # only the response
+    (tmp_path / "val.jsonl").write_text('{"instruction": "Say hi."}\n\n{"instruction": "Name a color.", "x": 1}\n')
+    out = tmp_path / "answers.json"
+    r = sample(f"--init_from={directory}", "--rules=eos,uniform", f"--instructions={tmp_path / 'val.jsonl'}",
+               f"--out={out}", "--max_new_tokens=10", "--batch_size=2")
+    assert r.returncode == 0, r.stderr
+    answers = json.loads(out.read_text())
+    assert [a["instruction"] for a in answers] == ["Say hi.", "Name a color."]
+    assert all(set(a) == {"instruction", "output", "generator", "dataset"} and isinstance(a["output"], str) for a in answers)
+    assert answers[0]["generator"].endswith("+rules:eos,uniform") and answers[0]["dataset"] == "val"
+    # AlpacaEval's own JSON list is accepted as input too, keeping its dataset names
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Hi", "output": "x", "generator": "g", "dataset": "oasst"}]))
+    r = sample(f"--init_from={directory}", f"--instructions={tmp_path / 'alpaca.json'}", f"--out={out}", "--max_new_tokens=4")
+    assert r.returncode == 0 and json.loads(out.read_text())[0]["dataset"] == "oasst", r.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ('{"instruction": "ok"}\n{"instruction": \n', "bad.jsonl:2: malformed JSON"),
+    ('{"instruction": "ok"}\n{"instruction": "   "}\n', "bad.jsonl:2: empty instruction"),
+    ('{"prompt": "ok"}\n', "bad.jsonl:1: missing string field 'instruction'"),
+    ("", "empty file"),
+])
+def test_sample_cli_bad_instruction_files(small_hf, tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content)
+    r = sample(f"--init_from={small_hf[1]}", f"--instructions={path}")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_sample_cli_other_mistakes(small_hf):
+    for args, message in [(("--rules=eos,fast", "--prompt=x"), "unknown rule 'fast'"),
+                          ((f"--init_from={small_hf[1]}",), "nothing to answer")]:
+        r = sample(*args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_rules_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = subprocess.run([sys.executable, str(ROOT / "rules.py"), str(tmp_path / "rules.png")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rules.png").stat().st_size > 10_000 and "EOS bias" in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[-3:] == ["+0.00", "+0.00", "+0.00"] and lines[2].split()[-1] == "+0.06"  # n = 0, 1
