@@ -149,7 +149,8 @@ def check_messages(messages, where):
 
 def read_instructions(path):
     """Instructions to answer: JSONL with an "instruction" field per line (the paper's val.jsonl), or
-    AlpacaEval's JSON list of {"instruction", "dataset", ...}. Returns [{"instruction", "dataset"}, ...]."""
+    AlpacaEval's JSON list of {"instruction", "output", "dataset", ...}. Returns [{"instruction", "dataset",
+    "reference"}, ...], the reference being a "reference" or "output" answer if the file gives one, else None."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -177,7 +178,9 @@ def read_instructions(path):
             raise ValueError(f"{where}: missing string field 'instruction'")
         if not row["instruction"].strip():
             raise ValueError(f"{where}: empty instruction")
-        out.append({"instruction": row["instruction"], "dataset": row.get("dataset", path.stem)})
+        reference = row.get("reference", row.get("output"))  # a reference answer, if the file has one
+        out.append({"instruction": row["instruction"], "dataset": row.get("dataset", path.stem),
+                    "reference": reference if isinstance(reference, str) and reference.strip() else None})
     if not out:
         raise ValueError(f"{path}: empty file, no instructions")
     return out
@@ -194,6 +197,12 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
+def empty_instructions(messages):
+    """The paper's response tuning data (section 3): the same conversation with every user turn emptied, so
+    that training sees `<|user|>\n\n<|assistant|>\n{response}<|endoftext|>`. Other turns are kept as they are."""
+    return [{**m, "content": ""} if m["role"] == "user" else m for m in messages]
+
+
 def write_split(directory, name, conversations, n_val, seed=0, responses_only=False):
     """Shuffle (seeded), hold out n_val conversations, write {name}_train.jsonl and {name}_val.jsonl, and
     print counts and token lengths. responses_only also writes {name}_responses_*: the same split with every
@@ -203,7 +212,7 @@ def write_split(directory, name, conversations, n_val, seed=0, responses_only=Fa
     splits = {"train": conversations[n_val:], "val": conversations[:n_val]}
     variants = {name: lambda c: c}
     if responses_only:
-        variants[f"{name}_responses"] = lambda c: [{**m, "content": ""} if m["role"] == "user" else m for m in c]
+        variants[f"{name}_responses"] = empty_instructions
     for variant, transform in variants.items():
         for split, rows in splits.items():
             write_jsonl(Path(directory) / f"{variant}_{split}.jsonl", [{"messages": transform(c)} for c in rows])
