@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
-from model import EOT, GPT, autocast, pick_device, pick_dtype
+from model import EOT, GPT
 from rules import RuleState, parse_rules
 from sample import respond
-from train import parse_flags
+from train import autocast, parse_flags, pick_device, pick_dtype, pyplot
 
 ROOT = Path(__file__).resolve().parent
 
@@ -198,18 +198,16 @@ def markdown(results, compare):
 
 
 def chart(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib to draw results.png)", file=sys.stderr)
+    plt = pyplot(path)
+    if plt is None:
         return
     panels = [("stop", "stop %"), ("repeat", "repeated 4-grams %"), ("breaks", "format breaks %"), ("ranking", "ranking %")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.45 * len(results) + 1.5), sharey=True)
     labels = list(results)
     for ax, (key, title) in zip(axes, panels):
-        ax.barh(labels, [results[label].get(key) or 0 for label in labels], color="tab:blue")
+        bars = ax.barh(labels, [results[label].get(key) or 0 for label in labels], color="tab:blue")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+        ax.set(xlim=(0, 105))
         ax.set_title(title, fontsize=10)
     axes[0].invert_yaxis()  # first model on top
     fig.tight_layout()

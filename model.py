@@ -382,7 +382,7 @@ def load_safetensors(path):
         if end != data_size:
             raise ValueError(f"{path}: data section has {data_size} bytes, tensors cover {end}")
         tensors = {}
-        for begin, stop, name in spans:
+        for begin, _, name in spans:
             f.seek(8 + n + begin)
             info = header[name]
             t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
@@ -463,35 +463,3 @@ def load_hf_state_dict(model, tensors, path):
             raise ValueError(f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensors[key])
-
-
-# --------------------------------------------------------------------------------------- device and dtype
-
-def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(device, name="auto"):
-    """'auto': bfloat16 autocast on CUDA where supported, else float16 (with a GradScaler when training),
-    float32 on CPU and MPS."""
-    if name != "auto":
-        if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def autocast(device, dtype):
-    """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in float32."""
-    if dtype == "float32":
-        return torch.autocast(device_type=device.split(":")[0], enabled=False)
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

@@ -50,7 +50,7 @@ UNIFORM = [("<",        "<",            27,    -4.0),
 RULES = ("eos", "diversity", "uniform")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rules:
     """Which rules are on, and the choices where the official code and the paper's text differ (README)."""
     eos: bool = True
@@ -178,12 +178,9 @@ def explain(instruction, response, rules=Rules(), path="rules.png"):
     print(f"{'step':>4}  {'token':<14} {'diversity':>9} {'uniform':>9}   EOS bias (on <|endoftext|>)")
     for step, text, diversity, uniform, eos in rows:
         print(f"{step:>4}  {text!r:<14} {diversity:>+9.2f} {uniform:>+9.2f}   {eos:+.2f}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib to draw the figure)", file=sys.stderr)
+    from train import pyplot
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(9, 3.6))
     steps = [r[0] for r in rows]

@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 import chat
-from model import GPT, autocast, pick_device, pick_dtype
+from model import GPT
 from rules import RuleState, parse_rules
-from train import parse_flags
+from train import autocast, parse_flags, pick_device, pick_dtype
 
 # ----------------------------------------------------------------------------------------------- defaults
 DEFAULTS = {

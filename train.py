@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import chat
-from model import GPT, GPTConfig, autocast, pick_device, pick_dtype
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent
 
@@ -111,6 +111,50 @@ def convert(where, value, kind):
         return kind(value)
     except ValueError:
         raise ValueError(f"{where}={value}: expected {kind.__name__}") from None
+
+
+# ------------------------------------------------------------------------ device, precision and plots
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device, name="auto"):
+    """'auto': bfloat16 autocast on CUDA where supported, else float16 (with a GradScaler when training),
+    float32 on CPU and MPS."""
+    if name != "auto":
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast(device, dtype):
+    """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in float32."""
+    if dtype == "float32":
+        return torch.autocast(device_type=device.split(":")[0], enabled=False)
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def pyplot(what):
+    """matplotlib's pyplot, drawing to files, or None with a note on how to get `what` (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"(pip install matplotlib to get {what})", file=sys.stderr)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -220,12 +264,8 @@ def save_checkpoint(state, path):
 
 
 def plot_losses(log, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib to get loss.png; the numbers are in log.jsonl)", file=sys.stderr)
+    plt = pyplot("loss.png; the numbers are in log.jsonl")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["loss"]) for r in log if "loss" in r]
@@ -354,7 +394,7 @@ def main(argv):
         examples = micro_batches(train, step, config, rank, world)
         batches = [collate(b, device, config["block_size"]) for b in examples]
         # every trained token of the step weighs the same, whichever micro-batch or process it is in
-        n_tokens = torch.tensor(float(sum(int((y != -1).sum()) for _, y in batches)), device=device)
+        n_tokens = torch.tensor(float(sum(t != -1 for b in examples for _, targets in b for t in targets)), device=device)
         if ddp:
             torch.distributed.all_reduce(n_tokens)
         step_loss = torch.zeros((), device=device)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import chat
 from model import GPT
-from rules import DIVERSITY_ONLY, EOS_ONLY, EOT, RULES, UNIFORM_ONLY, after_user_tag, UNIFORM, USER_TAG, VOCAB, RuleState, Rules, eos_bias, parse_rules, product_of_experts, rule_bias
+from rules import DIVERSITY_ONLY, EOS_ONLY, EOT, UNIFORM_ONLY, after_user_tag, UNIFORM, USER_TAG, VOCAB, RuleState, Rules, eos_bias, parse_rules, product_of_experts, rule_bias
 
 
 
@@ -47,7 +47,7 @@ def test_diversity_rule_penalizes_distinct_ids_after_the_user_tag_once():
 
 def test_uniform_rule_tokens_and_biases():
     assert len(UNIFORM) == 15 and len({token for _, _, token, _ in UNIFORM}) == 15
-    for paper, gpt2, token, _ in UNIFORM:
+    for _, gpt2, token, _ in UNIFORM:
         assert chat.tokenizer().decode([token]) == gpt2  # every id is the string written next to it
         assert chat.encode(gpt2) == [token]
     bias = rule_bias([1, 2], 2, UNIFORM_ONLY)
