@@ -209,4 +209,6 @@ RESPONSE = """Here is a simple tiramisu:
 Enjoy!"""
 
 if __name__ == "__main__":
+    if sys.argv[1:2] and sys.argv[1].startswith("-"):  # --help, or any flag: this script takes only a path
+        sys.exit(print(__doc__.strip() + "\n\n    python rules.py [PATH.png]     # default: rules.png"))
     explain("Give me a recipe for tiramisu.", RESPONSE, path=sys.argv[1] if len(sys.argv) > 1 else "rules.png")

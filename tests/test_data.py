@@ -117,3 +117,14 @@ def test_real_lima_file_loads_unchanged_when_present():
         pytest.skip("the paper's LIMA copy is not beside the repository")
     conversations = chat.read_conversations(path)
     assert len(conversations) == 1030 and sum(len(c) > 2 for c in conversations) == 30
+
+
+def test_alpaca_eval_prompts_with_references(fake_hub, tmp_path):
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}.", "generator": "text_davinci_003",
+             "dataset": "helpful_base"} for i in range(7)]
+    serve(fake_hub, "tatsu-lab/alpaca_eval", "alpaca_eval.json", json.dumps(rows).encode())
+    r = prepare("alpaca_eval", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = chat.read_instructions(tmp_path / "alpaca_eval.jsonl")
+    assert got[3] == {"instruction": "Question 3?", "reference": "Answer 3.", "dataset": "helpful_base"}
+    assert len(got) == 7
