@@ -344,7 +344,7 @@ def main(argv):
         raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
     model.to(device)
     say(f"model: {config['init_from']}, {model.num_params() / 1e6:.1f}M parameters, on {device} in {dtype}, "
-        f"{world} process{'es' if world > 1 else ''}; {max_iters} steps of {per_step} sequences")
+        f"{world} process{'es' if world > 1 else ''}; {max_iters} step{'s' if max_iters != 1 else ''} of {per_step} sequences")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config["weight_decay"], fused=device.startswith("cuda"))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
