@@ -186,15 +186,18 @@ def read_instructions(path):
     return out
 
 
-def write_jsonl(path, rows):
-    """Write rows as JSON lines, atomically: a temporary file renamed into place."""
+def write_atomic(path, text):
+    """Write text to path through a temporary file renamed into place: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines, atomically."""
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def empty_instructions(messages):

@@ -230,12 +230,12 @@ def main(argv):
         metrics, alpaca = evaluate_model(spec, rows, config, device, dtype)
         results[label] = {"model": spec, **metrics}
         name = re.sub(r"[^\w.+=,-]+", "_", label.replace(" ", "-"))
-        (out_dir / f"{name}.json").write_text(json.dumps(alpaca, indent=2, ensure_ascii=False), encoding="utf-8")
+        chat.write_atomic(out_dir / f"{name}.json", json.dumps(alpaca, indent=2, ensure_ascii=False))
     table = markdown(results, config["compare"])
     print(table)
-    (out_dir / "results.md").write_text(table + "\n", encoding="utf-8")
-    (out_dir / "results.json").write_text(json.dumps({"eval_set": config["eval_set"], "results": results,
-                                                      "paper": PAPER if config["compare"] else None}, indent=2))
+    chat.write_atomic(out_dir / "results.md", table + "\n")
+    chat.write_atomic(out_dir / "results.json", json.dumps({"eval_set": config["eval_set"], "results": results,
+                                                           "paper": PAPER if config["compare"] else None}, indent=2))
     chart(results, out_dir / "results.png")
     print(f"wrote {out_dir}/results.md, results.json, results.png and one AlpacaEval file per model", file=sys.stderr)
 

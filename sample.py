@@ -13,7 +13,6 @@ Decoding is greedy by default, as in the paper's evaluation; --greedy=False samp
 --top_k and --top_p.
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -88,10 +87,7 @@ def answer_file(model, config, rules, device, dtype):
             outputs.append({"instruction": row["instruction"], "output": chat.decode(out).strip(),
                             "generator": generator, "dataset": row["dataset"]})
     out = Path(config["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(outputs, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out)
+    chat.write_atomic(out, json.dumps(outputs, indent=2, ensure_ascii=False))
     print(f"wrote {len(outputs)} answers to {out} (AlpacaEval format, generator {generator!r})", file=sys.stderr)
 
 
