@@ -14,7 +14,7 @@ A model is a GPT-2 name, an HF directory or .safetensors file, or a train.py out
   breaks %       responses that open a new <|user|>/<|assistant|> turn or restate the instruction
   ref NLL        mean per-token NLL of the reference responses given their instructions (eval sets with them)
   ranking %      the paper's Table 2: how often an instruction's own reference response is more likely, per
-                 token, than another instruction's response under the same instruction (5 others each)
+                 token, than another instruction's response under the same instruction (5 random draws each)
 
 --compare runs base, base + rules, the three leave-one-rule-out ablations, and the instruction-, response-
 and poetry-tuned models (training any that --out_dir lacks with config/*.toml), and puts the paper's numbers
@@ -116,16 +116,20 @@ def response_logprobs(model, rules, instruction, response, device, dtype):
 
 def ranking_win_rate(score, n, negatives, seed):
     """The paper's response ranking (Table 2): for each instruction i, its own response against `negatives`
-    responses of other instructions, all scored under instruction i by score(i, j) (mean log-prob per token);
-    returns the share of comparisons, in %, that the own response wins."""
+    responses drawn at random, all scored under instruction i by score(i, j) (mean log-prob per token, so the
+    order of exp(-mean NLL) that the official ratio_eval.py computes); returns the share of comparisons, in %,
+    that the own response wins outright. As in the official code, draws are with replacement from all
+    responses, and a draw of the instruction's own response is not a comparison (plot_ratios.py)."""
     rng = random.Random(seed)
     wins, total = 0, 0
     for i in range(n):
         own = score(i, i)
-        for j in rng.sample([j for j in range(n) if j != i], min(negatives, n - 1)):
-            wins += own > score(i, j)
-            total += 1
-    return 100 * wins / total
+        for _ in range(negatives):
+            j = rng.randint(0, n - 1)
+            if j != i:
+                wins += own > score(i, j)  # a tie is not a win
+                total += 1
+    return 100 * wins / max(total, 1)
 
 
 def evaluate_model(spec, rows, config, device, dtype):

@@ -39,13 +39,16 @@ def test_format_breaks():
 def test_ranking_on_constructed_scores():
     assert evaluate.ranking_win_rate(lambda i, j: float(i == j), 6, 5, 0) == 100  # own response always likeliest
     assert evaluate.ranking_win_rate(lambda i, j: -float(i == j), 6, 5, 0) == 0
-    assert evaluate.ranking_win_rate(lambda i, j: float(j), 2, 5, 0) == 50  # 1 beats 0 as own, loses as other
-    # with 3 instructions and 1 negative each, own wins exactly when the drawn other has a smaller index
-    scores = lambda i, j: float(j)  # noqa: E731
+    assert evaluate.ranking_win_rate(lambda i, j: 0.0, 6, 5, 0) == 0  # a tie is not a win
+    # score = the drawn response's index: own wins exactly when the draw has a smaller index. The draws are
+    # the official code's: randint over all responses, with replacement, a draw of the own one skipped
     import random
-    rng = random.Random(3)
-    expected = [rng.sample([j for j in range(3) if j != i], 1)[0] < i for i in range(3)]
-    assert evaluate.ranking_win_rate(scores, 3, 1, 3) == pytest.approx(100 * sum(expected) / 3)
+    rng, wins, total = random.Random(3), 0, 0
+    for i in range(4):
+        for _ in range(5):
+            j = rng.randint(0, 3)
+            wins, total = wins + (j < i) * (j != i), total + (j != i)
+    assert evaluate.ranking_win_rate(lambda i, j: float(j), 4, 5, 3) == pytest.approx(100 * wins / total)
 
 
 def eos_only_model(directory):

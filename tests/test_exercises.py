@@ -76,7 +76,7 @@ def check_ranking(ranking_win_rate=None):
     ranking_win_rate = ranking_win_rate or evaluate.ranking_win_rate
     assert ranking_win_rate(lambda i, j: float(i == j), 5, 4, 0) == 100, "own response likeliest: 100%"
     assert ranking_win_rate(lambda i, j: 0.0, 5, 4, 0) == 0, "a tie is not a win"
-    assert ranking_win_rate(lambda i, j: float(j), 2, 4, 0) == 50, "compare with other instructions' responses only"
+    assert ranking_win_rate(lambda i, j: -float(i == j), 5, 4, 0) == 0, "own response least likely: 0%"
 
 
 # 7. a repetition metric ---------------------------------------------------------------------------------------
@@ -115,12 +115,21 @@ def wrong_sample_top_p(logprobs, top_p=None, generator=None, **_):
     return torch.multinomial(probs / probs.sum(), 1, generator=generator)[:, 0]
 
 
-def wrong_ranking(score, n, negatives, seed):  # draws negatives among all responses, its own included
+def wrong_ranking(score, n, negatives, seed):  # counts a tie as a win
     rng, wins, total = random.Random(seed), 0, 0
     for i in range(n):
-        for j in rng.sample(range(n), min(negatives, n)):
-            wins, total = wins + (score(i, i) >= score(i, j)), total + 1
+        for j in [rng.randint(0, n - 1) for _ in range(negatives)]:
+            if j != i:
+                wins, total = wins + (score(i, i) >= score(i, j)), total + 1
     return 100 * wins / total
+
+
+def wrong_ranking_with_self(score, n, negatives, seed):  # counts draws of the own response as comparisons
+    rng, wins = random.Random(seed), 0
+    for i in range(n):
+        for j in [rng.randint(0, n - 1) for _ in range(negatives)]:
+            wins += score(i, i) > score(i, j)
+    return 100 * wins / (n * negatives)
 
 
 def wrong_diversity(ids, prompt_len, r):  # per occurrence, and from the very start
@@ -141,6 +150,7 @@ WRONG = [
     (check_response_only, lambda ms: [m.update(content="") or m if m["role"] == "user" else m for m in ms]),  # in place
     (check_diversity_rule, wrong_diversity),
     (check_ranking, wrong_ranking),
+    (check_ranking, wrong_ranking_with_self),
     (check_repetition, lambda toks: len({tuple(toks[i:i + 4]) for i in range(len(toks) - 3)
                                          if toks[i:i + 4] in [toks[j:j + 4] for j in range(i)]}) / max(1, len(toks) - 3)),
     (check_top_p, wrong_sample_top_p),
