@@ -8,8 +8,8 @@ One turn (paper section 3, Figure 1):
 
     <|user|>\\n{instruction}\\n<|assistant|>\\n{response}<|endoftext|>
 
-Turns are joined with "\\n"; a system message, if any, is `<|system|>\\n{content}\\n` (as in open-instruct,
-whose Tulu format the paper's code uses). The tags are plain text to GPT-2, not special tokens; the only
+Turns are joined with "\\n"; a system message, if any, is `<|system|>\\n{content}\\n`; every content is stripped
+of surrounding whitespace (all three as in open-instruct, whose Tulu format the paper's code uses). The tags are plain text to GPT-2, not special tokens; the only
 special token is <|endoftext|> (id 50256), which ends every response. Each assistant response and the
 <|endoftext|> after it are trained (mask 1); tags, instructions and joins are masked (0). Response tuning
 (section 3) is this same format with every user content empty: `<|user|>\\n\\n<|assistant|>\\n{response}`.
@@ -54,7 +54,9 @@ def _pieces(messages):
     # (text or EOT, trained) in order, adjacent untrained texts merged so that they are encoded together
     pieces = []
     for i, message in enumerate(messages):
-        role, content = message["role"], message["content"]
+        # contents are stripped, as the paper's code (open-instruct's format) does: 327 of LIMA's 2,168 turns
+        # end in whitespace, which would otherwise be learned right before <|endoftext|>
+        role, content = message["role"], message["content"].strip()
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
         join = "\n" if i > 0 and messages[i - 1]["role"] == "assistant" else ""  # after <|endoftext|>

@@ -10,10 +10,10 @@ CONVERSATION = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "4."},
     {"role": "user", "content": "And times 3?"},
-    {"role": "assistant", "content": " It is 12.\n"},
+    {"role": "assistant", "content": " It is 12.\n"},  # surrounding whitespace is stripped, as the paper's code does
 ]
 TEXT = ("<|user|>\nWhat is 2+2?\n<|assistant|>\n4.<|endoftext|>\n"
-        "<|user|>\nAnd times 3?\n<|assistant|>\n It is 12.\n<|endoftext|>")
+        "<|user|>\nAnd times 3?\n<|assistant|>\nIt is 12.<|endoftext|>")
 
 
 def test_tokenizer_is_tiktoken_gpt2():
@@ -26,7 +26,7 @@ def test_multi_turn_text_and_mask():
     assert len(ids) == len(mask)
     assert tokenizer().decode(ids) == TEXT
     trained = [t for t, m in zip(ids, mask) if m]
-    assert trained == encode("4.") + [EOT] + encode(" It is 12.\n") + [EOT]
+    assert trained == encode("4.") + [EOT] + encode("It is 12.") + [EOT]
     # every masked token is outside the responses: tags, instructions and the "\n" joining turns
     assert tokenizer().decode([t for t, m in zip(ids, mask) if not m]) == \
         "<|user|>\nWhat is 2+2?\n<|assistant|>\n\n<|user|>\nAnd times 3?\n<|assistant|>\n"
@@ -87,11 +87,11 @@ text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_siz
 def test_any_conversation_round_trips(turns):
     messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     ids, mask = encode_chat(messages)
-    expected = "\n".join(f"<|user|>\n{q}\n<|assistant|>\n{a}<|endoftext|>" for q, a in turns)
+    expected = "\n".join(f"<|user|>\n{q.strip()}\n<|assistant|>\n{a.strip()}<|endoftext|>" for q, a in turns)
     assert tokenizer().decode(ids) == expected
-    assert ids.count(EOT) == len(turns) and sum(mask) == sum(len(encode(a)) + 1 for _, a in turns)
+    assert ids.count(EOT) == len(turns) and sum(mask) == sum(len(encode(a.strip())) + 1 for _, a in turns)
     prompt = encode_prompt(messages[:-1])
     # the prompt is the training prefix up to the last response, which is all that is trained after it
-    assert ids[:len(prompt)] == prompt and sum(mask[len(prompt):]) == len(mask) - len(prompt) == len(encode(turns[-1][1])) + 1
+    assert ids[:len(prompt)] == prompt and sum(mask[len(prompt):]) == len(mask) - len(prompt) == len(encode(turns[-1][1].strip())) + 1
     targets = targets_from_mask(ids, mask)
     assert [t for t in targets if t != -1] == [t for t, m in zip(ids[1:], mask[1:]) if m]
