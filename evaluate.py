@@ -228,7 +228,10 @@ def main(argv):
     out_dir.mkdir(parents=True, exist_ok=True)
     models = comparison(config) if config["compare"] else [(spec, spec) for spec in config["models"].split()]
     for _, spec in models:  # a typo fails now, not after an hour of generation
-        parse_rules(spec.partition("+rules")[2].removeprefix("=") or "all")
+        try:
+            parse_rules(spec.partition("+rules")[2].removeprefix("=") or "all")
+        except ValueError as e:
+            raise ValueError(f"--models: {spec}: {str(e).split(': ', 1)[1]}") from None
     results = {}
     for label, spec in models:
         metrics, alpaca = evaluate_model(spec, rows, config, device, dtype)

@@ -75,9 +75,12 @@ def parse_flags(defaults, argv, doc):
     config = {key: value for key, (value, _) in defaults.items()}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(doc.strip() + "\n\nflags, with their defaults:")
-            for key, (value, text) in defaults.items():
-                print(f"  {f'--{key}={value}':<30} {text}")
+            lines = [doc.strip(), "", "flags, with their defaults:"]
+            lines += [f"  {f'--{key}={value}':<30} {text}" for key, (value, text) in defaults.items()]
+            try:
+                print("\n".join(lines))
+            except BrokenPipeError:  # --help | head
+                pass
             sys.exit(0)
         if arg.endswith(".toml") and not arg.startswith("--"):
             for key, value in read_toml(arg).items():

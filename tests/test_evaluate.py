@@ -124,3 +124,11 @@ def test_whole_comparison_smoke_run(small_hf, tmp_path):
         assert len(answers) == 6 and set(answers[0]) == {"instruction", "output", "generator", "dataset"}
     assert (out / "results.png").stat().st_size > 5000
     assert (out / "runs" / f"{directory.name}_response_tuning" / "model.safetensors").is_file()
+
+
+def test_cli_mistakes_are_one_line(tmp_path):
+    for args, message in [(("--models=gpt2+rules=bogus",), "--models: gpt2+rules=bogus: unknown rule 'bogus'"),
+                          ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file")]:
+        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args, f"--out_dir={tmp_path}"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
