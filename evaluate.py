@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import chat
 from model import EOT, GPT
-from rules import RuleState, parse_rules
+from rules import RuleState, parse_rules, product_of_experts
 from sample import respond
 from train import autocast, parse_flags, pick_device, pick_dtype, pyplot
 
@@ -108,7 +108,7 @@ def response_logprobs(model, rules, instruction, response, device, dtype):
         state = RuleState([ids[:prompt_len]], rules, device)
         rows = []
         for t, token in enumerate(target):
-            rows.append(F.log_softmax(logprobs[t] + F.log_softmax(state.scores()[0], dim=-1), dim=-1))
+            rows.append(product_of_experts(logits[t], state.scores()[0]))
             state.update(torch.tensor([token], device=device))
         logprobs = torch.stack(rows)
     return logprobs.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
@@ -132,10 +132,18 @@ def ranking_win_rate(score, n, negatives, seed):
     return 100 * wins / max(total, 1)
 
 
+def parse_model(spec):
+    """'NAME', 'NAME+rules' or 'NAME+rules=eos,uniform' -> (NAME, Rules or None)."""
+    init_from, with_rules, rule_text = spec.partition("+rules")
+    try:
+        return init_from, parse_rules(rule_text.removeprefix("=") or "all") if with_rules else None
+    except ValueError as e:
+        raise ValueError(f"--models: {spec}: {str(e).split(': ', 1)[1]}") from None
+
+
 def evaluate_model(spec, rows, config, device, dtype):
     """Generate for every instruction, then score the references: -> (metrics, AlpacaEval rows)."""
-    init_from, with_rules, rule_text = spec.partition("+rules")
-    rules = parse_rules(rule_text.removeprefix("=") or "all") if with_rules else None
+    init_from, rules = parse_model(spec)
     model = GPT.from_pretrained(init_from).to(device).eval()
     outputs = []
     for i in tqdm(range(0, len(rows), config["batch_size"]), desc=f"{spec}: generating", file=sys.stderr):
@@ -145,16 +153,16 @@ def evaluate_model(spec, rows, config, device, dtype):
     metrics = proxies(outputs, [r["instruction"] for r in rows])
     scored = [r for r in rows if r["reference"] is not None]
     if len(scored) >= 2:
-        cache = {}
+        own = [response_logprobs(model, rules, r["instruction"], r["reference"], device, dtype)
+               for r in tqdm(scored, desc=f"{spec}: reference NLL", file=sys.stderr)]
+        metrics["nll"] = -torch.cat(own).mean().item()
+        cache = {(i, i): lp.mean().item() for i, lp in enumerate(own)}  # the ranking's own responses, scored above
 
         def score(i, j):  # mean log-prob per token of response j under instruction i
             if (i, j) not in cache:
                 cache[(i, j)] = response_logprobs(model, rules, scored[i]["instruction"], scored[j]["reference"],
                                                   device, dtype).mean().item()
             return cache[(i, j)]
-        nll = [response_logprobs(model, rules, r["instruction"], r["reference"], device, dtype)
-               for r in tqdm(scored, desc=f"{spec}: reference NLL", file=sys.stderr)]
-        metrics["nll"] = -torch.cat(nll).mean().item()
         metrics["ranking"] = ranking_win_rate(score, len(scored), config["negatives"], config["seed"])
     alpaca = [{"instruction": r["instruction"], "output": chat.decode(out).strip(), "generator": spec,
                "dataset": r["dataset"]} for r, out in zip(rows, outputs)]
@@ -228,10 +236,7 @@ def main(argv):
     out_dir.mkdir(parents=True, exist_ok=True)
     models = comparison(config) if config["compare"] else [(spec, spec) for spec in config["models"].split()]
     for _, spec in models:  # a typo fails now, not after an hour of generation
-        try:
-            parse_rules(spec.partition("+rules")[2].removeprefix("=") or "all")
-        except ValueError as e:
-            raise ValueError(f"--models: {spec}: {str(e).split(': ', 1)[1]}") from None
+        parse_model(spec)
     results = {}
     for label, spec in models:
         metrics, alpaca = evaluate_model(spec, rows, config, device, dtype)
