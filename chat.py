@@ -103,29 +103,40 @@ def targets_from_mask(ids, mask):
 
 # ------------------------------------------------------------------------- conversations in JSONL files
 
-def read_conversations(path):
-    """Conversations from a messages JSONL file, one {"messages": [{"role", "content"}, ...]} per line (the
-    open-instruct / Tulu format; other keys ignored). Every error names the file, line and field."""
+def read_bytes(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    return path, path.read_bytes()
+
+
+def json_lines(path, data):
+    """[(where, row)] for each non-blank line of JSONL bytes; `where` is "file:line", and every error names it."""
+    rows = []
+    for n, line in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 (byte {e.start} is 0x{line[e.start]:02x})") from None
+        if not text.strip():
+            continue
+        try:
+            rows.append((where, json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
+def read_conversations(path):
+    """Conversations from a messages JSONL file, one {"messages": [{"role", "content"}, ...]} per line (the
+    open-instruct / Tulu format; other keys ignored). Every error names the file, line and field."""
+    path, data = read_bytes(path)
     conversations = []
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 (byte {e.start} is 0x{line[e.start]:02x})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise ValueError(f"{where}: missing field 'messages'")
-            conversations.append(check_messages(row["messages"], where))
+    for where, row in json_lines(path, data):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise ValueError(f"{where}: missing field 'messages'")
+        conversations.append(check_messages(row["messages"], where))
     if not conversations:
         raise ValueError(f"{path}: empty file, no conversations")
     return conversations
@@ -153,27 +164,17 @@ def read_instructions(path):
     """Instructions to answer: JSONL with an "instruction" field per line (the paper's val.jsonl), or
     AlpacaEval's JSON list of {"instruction", "output", "dataset", ...}. Returns [{"instruction", "dataset",
     "reference"}, ...], the reference being a "reference" or "output" answer if the file gives one, else None."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
-    rows = []
-    if text.lstrip().startswith("["):  # AlpacaEval: one JSON list
+    path, data = read_bytes(path)
+    if data.lstrip()[:1] == b"[":  # AlpacaEval: one JSON list
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         rows = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+        rows = json_lines(path, data)
     out = []
     for where, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
