@@ -36,7 +36,7 @@ import chat
 from model import EOT, GPT
 from rules import RuleState, parse_rules, product_of_experts
 from sample import respond
-from train import autocast, parse_flags, pick_device, pick_dtype, pyplot
+from train import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, pyplot
 
 ROOT = Path(__file__).resolve().parent
 
@@ -55,8 +55,7 @@ DEFAULTS = {
     "batch_size": (8, "prompts generated together"),
     "negatives": (5, "ranking: other instructions' responses compared with each instruction's own"),
     "seed": (1337, "seeds the ranking's choice of other responses"),
-    "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
-    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
+    **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
 # The paper's numbers (Llama-2-7B, Tables 1-2): AlpacaEval win rate against the instruction-tuned model, and
 # response ranking. Ours are other measurements of the same models; the paper's are shown beside them.

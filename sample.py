@@ -23,7 +23,7 @@ from tqdm import tqdm
 import chat
 from model import GPT
 from rules import RuleState, parse_rules
-from train import autocast, parse_flags, pick_device, pick_dtype
+from train import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype
 
 # ----------------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
@@ -43,8 +43,7 @@ DEFAULTS = {
     "top_k": (0, "sample only from the k most likely tokens; 0 = all"),
     "top_p": (1.0, "sample only from the smallest set of tokens with this much probability"),
     "seed": (1337, "random seed for sampling"),
-    "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
-    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
+    **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
 # ---------------------------------------------------------------------------------------------------------
 

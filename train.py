@@ -37,6 +37,10 @@ ROOT = Path(__file__).resolve().parent
 # The default run is response tuning of gpt2 on Dolly (open, ungated). Hyperparameters follow the paper
 # (AdamW, no weight decay, linear warmup then linear decay as in open-instruct, 64 sequences per step)
 # adapted to GPT-2: lr 5e-5 instead of the 7B model's 1e-5, since small models need larger steps.
+DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and evaluate.py all take these
+    "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
+    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
+}
 DEFAULTS = {
     "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory or .safetensors file, 'scratch', or 'resume'"),
     "data": ("dolly_responses", "a messages JSONL file, or a prepared name: lima, lima_responses, poetry, "
@@ -55,8 +59,7 @@ DEFAULTS = {
     "dropout": (0.0, "dropout in the model while training"),
     "eval_interval": (50, "evaluate, checkpoint and export every this many steps (and at the end)"),
     "show_examples": (3, "print answers to this many held-out instructions before and after training"),
-    "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
-    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
+    **DEVICE_FLAGS,
     "compile": (False, "torch.compile the model (faster on GPUs, slow to start)"),
     "seed": (1337, "seeds the data order, initialization and dropout"),
     "n_layer": (12, "with init_from=scratch: layers"),
@@ -214,11 +217,12 @@ def micro_batches(examples, step, config, rank, world):
     the micro-batches 1 process sees with twice the accumulation."""
     B, A, n = config["batch_size"], config["gradient_accumulation_steps"], len(examples)
     start = step * B * A * world + rank * B * A
-    indices = []
+    orders, indices = {}, []  # epoch -> its permutation, drawn once (a step spans at most a few epochs)
     for k in range(start, start + B * A):
         epoch, i = divmod(k, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config["seed"] + epoch))
-        indices.append(int(order[i]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(config["seed"] + epoch)).tolist()
+        indices.append(orders[epoch][i])
     return [[examples[i] for i in indices[m * B:(m + 1) * B]] for m in range(A)]
 
 
