@@ -8,10 +8,11 @@ One turn (paper section 3, Figure 1):
 
     <|user|>\\n{instruction}\\n<|assistant|>\\n{response}<|endoftext|>
 
-Turns are joined with "\\n"; a system message, if any, is `<|system|>\\n{content}\\n`; every content is stripped
-of surrounding whitespace (all three as in open-instruct, whose Tulu format the paper's code uses). The tags are plain text to GPT-2, not special tokens; the only
-special token is <|endoftext|> (id 50256), which ends every response. Each assistant response and the
-<|endoftext|> after it are trained (mask 1); tags, instructions and joins are masked (0). Response tuning
+Turns are joined with "\\n"; a system message, if any, is `<|system|>\\n{content}\\n`; every content is
+stripped of surrounding whitespace (all three as in open-instruct, whose Tulu format the paper's code uses).
+The tags are plain text to GPT-2, not special tokens; the only special token is <|endoftext|> (id 50256),
+which ends every response. Each assistant response and the <|endoftext|> after it are trained (mask 1);
+tags, instructions and joins are masked (0). Response tuning
 (section 3) is this same format with every user content empty: `<|user|>\\n\\n<|assistant|>\\n{response}`.
 
 Tokenization is done piece by piece, cut where the mask changes, so a mask boundary is always a token

@@ -141,8 +141,8 @@ def download(url, dest):
 
 
 def read_parquet(path):
-    """Rows of a parquet file as dicts. Some sets (GSM8K, MBPP) are on the hub only as parquet; pyarrow, the
-    one optional dependency, is needed for them alone."""
+    """Rows of a parquet file as dicts. Some sets (GSM8K, MBPP) are on the hub only as parquet; pyarrow, an
+    optional dependency, is needed for them alone."""
     try:
         import pyarrow.parquet
     except ImportError:

@@ -393,7 +393,7 @@ def load_safetensors(path):
 
 def save_safetensors(tensors, path, metadata):
     """Write {name: tensor} as a .safetensors file (the format load_safetensors reads), atomically."""
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.float32 -> "F32", ...
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
