@@ -27,26 +27,28 @@ EOT = 50256  # <|endoftext|>, GPT-2's end of sequence
 VOCAB = 50257
 USER_TAG = [27, 91, 7220, 91, 29]  # "<|user|>" in GPT-2 tokens
 
-# The uniform rule (paper Listing 1 and Table 8), mapped from Llama's tokens to GPT-2's by their strings.
-# Llama's "▁X" is the word X after a space, which GPT-2 spells " X" (leading space); Llama's "X" without ▁ is X
-# at the start of a line or glued to punctuation, which GPT-2 spells "X". GPT-2 has no two-space token: a run
-# of spaces is spelled with single-space tokens (220), so 220 stands in for Llama's "▁▁".
-#          paper token  GPT-2 string  GPT-2 id  bias
-UNIFORM = [("<",        "<",            27,    -4.0),
-           ("▁<",       " <",         1279,    -4.0),
-           ("|",        "|",            91,    -4.0),
-           ("▁I",       " I",          314,    -5.0),
-           ("I",        "I",            40,    -5.0),
-           ("▁We",      " We",         775,    -3.0),
-           ("▁What",    " What",      1867,    -5.0),  # Listing 1 and the official code; Table 8 says -3
-           ("▁should",  " should",     815,    -6.0),
-           ("-",        "-",            12,    +1.0),
-           ("*",        "*",             9,    +1.0),
-           ("▁▁",       " ",           220,    +1.0),
-           ("#",        "#",             2,    +1.0),
-           ("##",       "##",         2235,    +1.0),
-           ("<0x0A>",   "\n",          198,    +1.0),
-           ("!",        "!",             0,    +1.0)]
+# The uniform rule (paper section 5, Listing 1), as the official open_instruct/combined_model.py lines 147-176
+# sets it: 15 Llama-2 token ids and their biases. Six of the code's comments misname their ids (e.g. 5618 is
+# "What" without a space, commented "_What"; 334 is "▁*", commented "-"), so the table maps each id by its true
+# Llama piece (decoded with the Llama-2 vocabulary, llama-tokenizer-js 1.2.2) to the GPT-2 token with the same
+# string: Llama's "▁" is a space, so "▁X" is GPT-2's " X" and "X" is GPT-2's "X". GPT-2 has no token of several
+# spaces (it spells a run of spaces with single-space tokens, id 220), so 220 stands in for Llama's "▁▁▁".
+#          official id  Llama piece  GPT-2 string  GPT-2 id  bias
+UNIFORM = [(29966,      "<",         "<",            27,    -4.0),
+           (529,        "▁<",        " <",         1279,    -4.0),
+           (29989,      "|",         "|",            91,    -4.0),
+           (306,        "▁I",        " I",          314,    -5.0),
+           (29902,      "I",         "I",            40,    -5.0),
+           (1334,       "▁We",       " We",         775,    -3.0),
+           (5618,       "What",      "What",       2061,    -5.0),  # the code's comment says "_What" (1724)
+           (881,        "▁should",   " should",     815,    -6.0),
+           (334,        "▁*",        " *",         1635,    +1.0),  # commented "-"
+           (448,        "▁-",        " -",          532,    +1.0),  # commented "*"
+           (1678,       "▁▁▁",       " ",           220,    +1.0),  # commented "  " (double space)
+           (396,        "▁#",        " #",         1303,    +1.0),  # commented "#"
+           (444,        "▁##",       " ##",       22492,    +1.0),  # commented "##"
+           (13,         "<0x0A>",    "\n",          198,    +1.0),
+           (29991,      "!",         "!",             0,    +1.0)]
 RULES = ("eos", "diversity", "uniform")
 
 
@@ -58,7 +60,7 @@ class Rules:
     uniform: bool = True
     eos_hold: bool = False  # after 250 tokens keep the EOS bias at +15; the official code drops it back to 0
     response_only: bool = False  # penalize repeats of response tokens only; the code also covers the instruction
-    what_bias: float = -5.0  # " What": -5 in Listing 1 and the code, -3 in Table 8
+    what_bias: float = -5.0  # "What": -5 in Listing 1 and the code, -3 in Table 8
 
 
 def parse_rules(text, **options):
@@ -76,8 +78,8 @@ def parse_rules(text, **options):
 
 def uniform_bias(rules):
     bias = torch.zeros(VOCAB)
-    for _, _, token, value in UNIFORM:
-        bias[token] = rules.what_bias if token == 1867 else value
+    for _, piece, _, token, value in UNIFORM:
+        bias[token] = rules.what_bias if piece == "What" else value
     return bias
 
 

@@ -25,17 +25,19 @@ def check_eos_rule(eos_bias=None):
 
 
 # 2. the 15 uniform tokens in GPT-2's vocabulary ------------------------------------------------------------
-LISTING_1 = {"<": -4, "▁<": -4, "|": -4, "▁I": -5, "I": -5, "▁We": -3, "▁What": -5, "▁should": -6,
-             "-": 1, "*": 1, "▁▁": 1, "#": 1, "##": 1, "<0x0A>": 1, "!": 1}
+# official open_instruct/combined_model.py lines 147-176: Llama-2 id -> (its true piece, bias)
+OFFICIAL = {29966: ("<", -4), 529: ("▁<", -4), 29989: ("|", -4), 306: ("▁I", -5), 29902: ("I", -5),
+            1334: ("▁We", -3), 5618: ("What", -5), 881: ("▁should", -6), 334: ("▁*", 1), 448: ("▁-", 1),
+            1678: ("▁▁▁", 1), 396: ("▁#", 1), 444: ("▁##", 1), 13: ("<0x0A>", 1), 29991: ("!", 1)}
 
 
 def check_uniform_tokens(table=None):
     table = table or rules.UNIFORM
-    assert {paper: bias for paper, _, _, bias in table} == LISTING_1, "the paper's 15 tokens and their biases"
-    for paper, _, token, _ in table:
-        # Llama's ▁ is a leading space; <0x0A> is a newline; GPT-2 spells a run of spaces with single spaces
-        want = {"▁▁": " ", "<0x0A>": "\n"}.get(paper, paper.replace("▁", " "))
-        assert chat.tokenizer().decode([token]) == want, f"{paper!r}: id {token} is {chat.tokenizer().decode([token])!r}"
+    assert {llama: (piece, bias) for llama, piece, _, _, bias in table} == OFFICIAL, "the official ids, pieces, biases"
+    for llama, piece, _, token, _ in table:
+        # Llama's ▁ is a space; <0x0A> is a newline; GPT-2 spells a run of spaces with single spaces
+        want = {"▁▁▁": " ", "<0x0A>": "\n"}.get(piece, piece.replace("▁", " "))
+        assert chat.tokenizer().decode([token]) == want, f"{piece!r}: id {token} is {chat.tokenizer().decode([token])!r}"
 
 
 # 3. mask the instruction out of the loss -------------------------------------------------------------------
@@ -142,8 +144,10 @@ def wrong_diversity(ids, prompt_len, r):  # per occurrence, and from the very st
 WRONG = [
     (check_eos_rule, lambda n, r: 15 * n / 250 if n <= 250 else 0.0),  # off by one at 250
     (check_eos_rule, lambda n, r: min(15.0, 15 * n / 250)),  # the paper's wording, not the code: never drops
-    (check_uniform_tokens, [(p, s, {"▁We": 1135}.get(p, t), b) for p, s, t, b in rules.UNIFORM]),  # "We", no space
-    (check_uniform_tokens, [(p, s, {"<": 1279, "▁<": 27}.get(p, t), b) for p, s, t, b in rules.UNIFORM]),  # swapped
+    (check_uniform_tokens, [(i, p, s, {1334: 1135}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]),  # "We", no space
+    (check_uniform_tokens, [(i, p, s, {29966: 1279, 529: 27}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]),  # swapped
+    # trusting the code's comments: 5618 as " What", 334 as "-", 448 as "*" (line-start forms)
+    (check_uniform_tokens, [(i, p, s, {5618: 1867, 334: 12, 448: 9}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]),
     (check_loss_targets, lambda ids, mask: [t if m else -1 for t, m in zip(ids, mask)]),  # not shifted
     (check_loss_targets, lambda ids, mask: [n if m else -1 for n, m in zip(ids[1:], mask[:-1])] + [-1]),  # mask off by one
     (check_response_only, lambda ms: [m for m in ms if m["role"] != "user"]),  # drops the user turns entirely

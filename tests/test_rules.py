@@ -46,15 +46,24 @@ def test_diversity_rule_penalizes_distinct_ids_after_the_user_tag_once():
 
 
 def test_uniform_rule_tokens_and_biases():
-    assert len(UNIFORM) == 15 and len({token for _, _, token, _ in UNIFORM}) == 15
-    for _, gpt2, token, _ in UNIFORM:
+    assert len(UNIFORM) == 15 and len({token for *_, token, _ in UNIFORM}) == 15
+    # the official ids of combined_model.py lines 147-176, with the biases the code gives them
+    assert {llama: bias for llama, _, _, _, bias in UNIFORM} == {
+        29966: -4, 529: -4, 29989: -4, 306: -5, 29902: -5, 1334: -3, 5618: -5, 881: -6,
+        334: 1, 448: 1, 1678: 1, 396: 1, 444: 1, 13: 1, 29991: 1}
+    for _, piece, gpt2, token, _ in UNIFORM:
         assert chat.tokenizer().decode([token]) == gpt2  # every id is the string written next to it
         assert chat.encode(gpt2) == [token]
+        # and that string is the Llama piece, its "▁" read as a space; <0x0A> is the byte 0x0A. GPT-2 has no
+        # token of three spaces, so its single space stands in for "▁▁▁": the one inexact entry.
+        want = {"<0x0A>": "\n", "▁▁▁": " "}.get(piece, piece.replace("▁", " "))
+        assert gpt2 == want, piece
+    assert [p for _, p, g, _, _ in UNIFORM if g != p.replace("▁", " ") and p != "<0x0A>"] == ["▁▁▁"]
     bias = rule_bias([1, 2], 2, UNIFORM_ONLY)
     assert {t: bias[t].item() for t in bias.nonzero().flatten().tolist()} == {
-        27: -4, 1279: -4, 91: -4, 314: -5, 40: -5, 775: -3, 1867: -5, 815: -6,
-        12: 1, 9: 1, 220: 1, 2: 1, 2235: 1, 198: 1, 0: 1}
-    assert rule_bias([1, 2], 2, Rules(False, False, True, what_bias=-3.0))[1867].item() == -3  # Table 8's value
+        27: -4, 1279: -4, 91: -4, 314: -5, 40: -5, 775: -3, 2061: -5, 815: -6,
+        1635: 1, 532: 1, 220: 1, 1303: 1, 22492: 1, 198: 1, 0: 1}
+    assert rule_bias([1, 2], 2, Rules(False, False, True, what_bias=-3.0))[2061].item() == -3  # Table 8's value
 
 
 def test_each_rule_alone_touches_only_its_tokens():
@@ -65,7 +74,7 @@ def test_each_rule_alone_touches_only_its_tokens():
     assert torch.equal(total, parts[0] + parts[1] + parts[2])
     assert set(parts[0].nonzero().flatten().tolist()) == {EOT}
     assert set(parts[1].nonzero().flatten().tolist()) == {100, 101, 27, 500}
-    assert set(parts[2].nonzero().flatten().tolist()) == {t for _, _, t, _ in UNIFORM}
+    assert set(parts[2].nonzero().flatten().tolist()) == {t for *_, t, _ in UNIFORM}
     assert total[27].item() == -4 - 1.5  # uniform and diversity add up on "<"
 
 
