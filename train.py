@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
@@ -51,6 +52,8 @@ DEFAULTS = {
     "max_iters": (0, "optimizer steps; 0 = as many as `epochs` takes"),
     "batch_size": (8, "sequences per micro-batch per process"),
     "gradient_accumulation_steps": (8, "micro-batches per step: 8 x 8 = the paper's 64 sequences per step"),
+    "loss": ("example", "example: every sequence's mean token loss weighs the same in a step (the official "
+                        "open-instruct reduce_loss=mean, one sequence per micro-batch); token: every trained token does"),
     "learning_rate": (5e-5, "peak learning rate"),
     "warmup_ratio": (0.03, "share of steps spent warming up linearly (open-instruct's default)"),
     "weight_decay": (0.0, "the paper uses none"),
@@ -226,6 +229,26 @@ def micro_batches(examples, step, config, rank, world):
     return [[examples[i] for i in indices[m * B:(m + 1) * B]] for m in range(A)]
 
 
+def loss_weights(y, mode, n_examples, n_tokens):
+    """The weight of each target of a micro-batch y (B, T) in its step's loss, which is sum(weight * token loss)
+    over all the step's micro-batches and processes, so that the weights of a step sum to 1 however it is split.
+    example (the official default: open-instruct's finetune.py with reduce_loss=mean and one sequence per
+    micro-batch averages each sequence's mean loss over the 64 of a step): 1 / (n_examples * tokens of its
+    sequence). token: 1 / n_tokens, every trained token of the step alike (long responses weigh more)."""
+    trained = (y != -1).float()  # (B, T)
+    if mode == "token":
+        return trained / n_tokens
+    if mode == "example":  # every sequence has a trained token: tokenize() drops those without
+        return trained / (trained.sum(1, keepdim=True) * n_examples)
+    raise ValueError(f"loss mode {mode!r}: expected example or token")
+
+
+def weighted_loss(logits, y, weights):
+    # logits (B, T, V), y and weights (B, T) -> the micro-batch's share of its step's loss
+    token_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
+    return (token_loss * weights.flatten()).sum()
+
+
 def get_lr(step, max_iters, config):
     """Linear warmup to learning_rate, then linear decay to 0 at max_iters (open-instruct's schedule)."""
     warmup = math.ceil(config["warmup_ratio"] * max_iters)
@@ -238,17 +261,18 @@ def get_lr(step, max_iters, config):
 
 @torch.no_grad()
 def evaluate(model, examples, config, device, dtype):
-    """Mean loss per trained token over the whole validation set."""
+    """The validation loss, weighted as training weighs it (--loss): the mean over sequences of each one's mean
+    token loss, or the mean over all tokens."""
     model.eval()
-    total, count = 0.0, 0
+    n_tokens = sum(t != -1 for _, targets in examples for t in targets)
+    total = 0.0
     for i in range(0, len(examples), config["batch_size"]):
         x, y = collate(examples[i:i + config["batch_size"]], device, config["block_size"])
         with autocast(device, dtype):
-            _, loss = model(x, y)
-        n = int((y != -1).sum())
-        total, count = total + loss.item() * n, count + n
+            logits, _ = model(x)
+        total += weighted_loss(logits, y, loss_weights(y, config["loss"], len(examples), n_tokens)).item()
     model.train()
-    return total / max(count, 1)
+    return total
 
 
 def show_examples(model, title, n, device, dtype):
@@ -301,6 +325,8 @@ def peak_flops(device):
 
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
+    if config["loss"] not in ("example", "token"):
+        raise ValueError(f"--loss={config['loss']}: expected example or token")
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(config["device"])
@@ -325,6 +351,7 @@ def main(argv):
         if not (out_dir / "ckpt.pt").is_file():
             raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
         ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+        ckpt["config"].setdefault("loss", "token")  # checkpoints from before --loss existed weighed tokens
         config = {**ckpt["config"], "init_from": "resume", "device": config["device"], "dtype": config["dtype"]}
     torch.manual_seed(config["seed"])
 
@@ -400,7 +427,8 @@ def main(argv):
             group["lr"] = lr
         examples = micro_batches(train, step, config, rank, world)
         batches = [collate(b, device, config["block_size"]) for b in examples]
-        # every trained token of the step weighs the same, whichever micro-batch or process it is in
+        # each sequence (--loss=example) or each trained token (--loss=token) of the step weighs the same,
+        # whichever micro-batch or process it is in
         n_tokens = torch.tensor(float(sum(t != -1 for b in examples for _, targets in b for t in targets)), device=device)
         if ddp:
             torch.distributed.all_reduce(n_tokens)
@@ -408,8 +436,8 @@ def main(argv):
         for m, (x, y) in enumerate(batches):
             sync = not ddp or m == len(batches) - 1  # DDP averages gradients only on the last micro-batch
             with autocast(device, dtype), (nullcontext() if sync else model.no_sync()):
-                _, loss = model(x, y)
-                loss = loss * (y != -1).sum() / n_tokens  # this micro-batch's share of the step's mean loss
+                logits, _ = model(x)
+                loss = weighted_loss(logits, y, loss_weights(y, config["loss"], per_step, n_tokens))
             step_loss += loss.detach()
             scaler.scale(loss * world).backward()  # * world: DDP divides the summed gradients by world
         if ddp:

@@ -136,8 +136,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    common = [*TINY, "--max_iters=6", "--eval_interval=100", "--batch_size=2"]
+@pytest.mark.parametrize("loss", ["example", "token"])
+def test_ddp_two_processes_match_one(tmp_path, loss):
+    common = [*TINY, "--max_iters=6", "--eval_interval=100", "--batch_size=2", f"--loss={loss}"]
     one = run(*common, "--gradient_accumulation_steps=4", f"--out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -150,6 +151,44 @@ def test_ddp_two_processes_match_one(tmp_path):
     a, b = GPT.from_pretrained(tmp_path / "one"), GPT.from_pretrained(tmp_path / "two")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+
+
+def hf_step_losses(hf, config, examples):
+    """HF's loss of each sequence of step 0, computed one sequence at a time (labels -100 off the response)."""
+    losses = []
+    for batch in train.micro_batches(examples, 0, config, rank=0, world=1):
+        for ids, targets in batch:
+            labels = torch.tensor([[-100] + [t if t != -1 else -100 for t in targets[:-1]]])  # HF shifts labels itself
+            with torch.no_grad():
+                out = hf(torch.tensor([ids]), labels=labels)
+            losses.append((out.loss.item(), sum(t != -1 for t in targets)))
+    return losses
+
+
+def test_step_loss_is_the_mean_of_hf_per_example_losses(small_hf, tmp_path):
+    hf, directory = small_hf
+    args = [f"--init_from={directory}", "--data=sample", "--block_size=128", "--batch_size=4", "--gradient_accumulation_steps=2",
+            "--max_iters=1", "--device=cpu", "--show_examples=0", "--eval_interval=100"]
+    config = {"batch_size": 4, "gradient_accumulation_steps": 2, "seed": 1337}
+    examples, _ = train.tokenize(chat.read_conversations(ROOT / "data" / "sample" / "sample_train.jsonl"), 128)
+    per_example = hf_step_losses(hf, config, examples)
+    assert len({n for _, n in per_example}) > 1  # sequences of different lengths: the two modes differ
+    example_mean = sum(loss for loss, _ in per_example) / len(per_example)
+    token_mean = sum(loss * n for loss, n in per_example) / sum(n for _, n in per_example)
+    assert abs(example_mean - token_mean) > 1e-3
+    for mode, want in (("example", example_mean), ("token", token_mean)):
+        r = run(*args, f"--loss={mode}", f"--out_dir={tmp_path / mode}")
+        assert r.returncode == 0, r.stderr
+        assert losses(tmp_path / mode)[0] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["example", "token"])
+def test_step_loss_does_not_depend_on_the_micro_batch_split(tmp_path, loss):
+    common = [*TINY, "--max_iters=4", "--eval_interval=100", f"--loss={loss}"]
+    a = run(*common, "--batch_size=4", "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'a'}")
+    b = run(*common, "--batch_size=1", "--gradient_accumulation_steps=8", f"--out_dir={tmp_path / 'b'}")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -190,6 +229,7 @@ def test_bad_inputs_through_the_cli(tmp_path):
     for args, message in [((f"--data={bad}",), f"{bad}:1: messages[0].role is 'bot'"),
                           (("--data=nonsense",), "--data=nonsense: unknown data name"),
                           (("--max_iters=ten",), "--max_iters=ten: expected int"),
+                          (("--loss=mean",), "--loss=mean: expected example or token"),
                           (("--init_from=resume", f"--out_dir={tmp_path}"), "no checkpoint to resume")]:
         r = run(*TINY, *args)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
