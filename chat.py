@@ -210,22 +210,41 @@ def empty_instructions(messages):
     return [{**m, "content": ""} if m["role"] == "user" else m for m in messages]
 
 
-def write_split(directory, name, conversations, n_val, seed=0, responses_only=False):
-    """Shuffle (seeded), hold out n_val conversations, write {name}_train.jsonl and {name}_val.jsonl, and
-    print counts and token lengths. responses_only also writes {name}_responses_*: the same split with every
-    user turn emptied, the paper's response tuning data (section 3)."""
-    conversations = list(conversations)
-    random.Random(seed).shuffle(conversations)
-    splits = {"train": conversations[n_val:], "val": conversations[:n_val]}
+def normalize(messages):
+    """Every content with Windows line ends (\\r\\n) turned into \\n: MBPP's code and the poetry CSV carry them, and
+    a model trained on them learns to write \\r. (The official scripts keep them; README, departures.)"""
+    return [{**m, "content": m["content"].replace("\r\n", "\n")} for m in messages]
+
+
+def write_sets(directory, name, train, val=(), responses_only=False):
+    """Write {name}_train.jsonl and, if there is a validation set, {name}_val.jsonl, every content normalized;
+    print counts and token lengths. A validation conversation that also occurs in the training set is dropped
+    (and counted), so the validation loss never measures memorization. responses_only also writes
+    {name}_responses_*: the same conversations with every user turn emptied (response tuning, section 3)."""
+    train = [normalize(c) for c in train]
+    seen = {json.dumps(c, sort_keys=True) for c in train}
+    kept = [c for c in map(normalize, val) if json.dumps(c, sort_keys=True) not in seen]
+    if len(kept) < len(val):
+        print(f"{name}: dropped {len(val) - len(kept)} validation conversations that are also in the training set")
+    splits = {"train": train, "val": kept} if kept else {"train": train}
     variants = {name: lambda c: c}
     if responses_only:
         variants[f"{name}_responses"] = empty_instructions
     for variant, transform in variants.items():
         for split, rows in splits.items():
             write_jsonl(Path(directory) / f"{variant}_{split}.jsonl", [{"messages": transform(c)} for c in rows])
-    describe(f"{name}_train", splits["train"])
-    print(f"wrote {', '.join(f'{v}_{{train,val}}.jsonl' for v in variants)} to {directory}: "
-          f"{len(splits['train'])} train, {len(splits['val'])} val")
+        if not kept:  # an older preparation's validation file would otherwise be used with the new training set
+            (Path(directory) / f"{variant}_val.jsonl").unlink(missing_ok=True)
+    describe(f"{name}_train", train)
+    files = ", ".join(f"{v}_{s}.jsonl" for v in variants for s in splits)
+    print(f"wrote {files} to {directory}: {len(train)} train, {len(kept)} val")
+
+
+def write_split(directory, name, conversations, n_val, seed=0, responses_only=False):
+    """Shuffle (seeded), hold out n_val conversations for validation, and write_sets the two."""
+    conversations = list(conversations)
+    random.Random(seed).shuffle(conversations)
+    write_sets(directory, name, conversations[n_val:], conversations[:n_val], responses_only)
 
 
 def describe(name, conversations, block_size=1024):

@@ -5,6 +5,7 @@ Finetune GPT-2 in the paper's chat format, with the loss on assistant tokens onl
     python train.py config/instruction_tuning.toml    # the baseline: LIMA, instructions and responses
     python train.py config/response_tuning.toml       # LIMA responses with empty instructions (paper section 3)
     python train.py config/poetry.toml                # single-task finetuning on poems (paper section 4)
+    python train.py config/gsm8k.toml                 # ... and the other four: mbpp, recipes, chess
     python train.py config/smoke.toml                 # a tiny model on data/sample: runs on a CPU, no download
     python train.py config/poetry.toml --init_from=gpt2-medium --batch_size=4 --gradient_accumulation_steps=16
     torchrun --standalone --nproc_per_node=4 train.py config/instruction_tuning.toml
@@ -44,8 +45,8 @@ DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and 
 }
 DEFAULTS = {
     "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory or .safetensors file, 'scratch', or 'resume'"),
-    "data": ("dolly_responses", "a messages JSONL file, or a prepared name: lima, lima_responses, poetry, "
-                                "dolly, dolly_responses, gsm8k, mbpp, sample"),
+    "data": ("dolly_responses", "a messages JSONL file, or a prepared name: lima, lima_responses, dolly, "
+                                "dolly_responses, gsm8k, mbpp, poetry, recipes, chess, sample"),
     "val_data": ("", "messages JSONL for the eval loss (default: the prepared data's val split)"),
     "out_dir": ("", "where checkpoints and logs go (default: out/<data name>)"),
     "epochs": (1.0, "passes over the data (1 epoch of Dolly = the step count of 15 LIMA epochs)"),

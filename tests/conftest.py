@@ -7,8 +7,10 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -64,14 +66,16 @@ def gpt2_hf(tmp_path_factory):
 
 
 class FakeHub:
-    """A real HTTP server on 127.0.0.1 that answers like the hub: /{repo}/resolve/main/{file}. LFS files get a
-    302 to /cdn/{sha256} carrying X-Linked-Etag and X-Linked-Size, as huggingface.co does; Range requests
-    get 206. Knobs: `cut` (path -> bytes after which the next answer breaks off), `corrupt` (paths whose
-    served bytes differ from the advertised sha256), `token` (required bearer token)."""
+    """A real HTTP server on 127.0.0.1 that answers like the hub: /{repo}/resolve/main/{file} (the file name
+    URL-encoded). LFS files get a 302 to /cdn/{sha256} carrying X-Linked-Etag and X-Linked-Size, as
+    huggingface.co does; Range requests get 206. /api/{models|datasets}/{repo}/tree/main/{folder} lists a folder
+    as the hub's tree API does (JSON entries; `page` entries per answer, further pages linked by a Link header
+    with rel="next"). Knobs: `cut` (path -> bytes after which the next answer breaks off), `corrupt` (paths
+    whose served bytes differ from the advertised sha256), `token` (required bearer token), `page`."""
 
     def __init__(self):
         self.files, self.lfs, self.requests = {}, {}, []
-        self.cut, self.corrupt, self.token = {}, set(), None
+        self.cut, self.corrupt, self.token, self.page = {}, set(), None, 1000
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -83,6 +87,8 @@ class FakeHub:
                 if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
                     if not self.path.startswith("/cdn/"):
                         return self.send_error(401)
+                if self.path.startswith("/api/"):
+                    return self.tree()
                 if self.path.startswith("/cdn/"):
                     path = hub.lfs.get(self.path[5:])
                 elif self.path in hub.files and self.path in hub.lfs.values():
@@ -107,6 +113,31 @@ class FakeHub:
                 self.end_headers()
                 cut = hub.cut.pop(path, None)
                 self.wfile.write(body[start:cut] if cut is not None else body[start:])
+
+            def tree(self):
+                url = urllib.parse.urlsplit(self.path)
+                kind, repo, folder = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/tree/main/(.*)", url.path).groups()
+                prefix = ("/datasets/" if kind == "datasets" else "/") + f"{repo}/resolve/main/"
+                entries, dirs = [], set()
+                for served in sorted(hub.files):
+                    path = urllib.parse.unquote(served.removeprefix(prefix))
+                    if served.startswith(prefix) and path.startswith(urllib.parse.unquote(folder) + "/"):
+                        body = hub.files[served]
+                        entry = {"type": "file", "oid": hashlib.sha1(body).hexdigest(), "size": len(body), "path": path}
+                        if served in hub.lfs.values():
+                            entry["lfs"] = {"oid": hashlib.sha256(body).hexdigest(), "size": len(body), "pointerSize": 134}
+                        entries.append(entry)
+                        dirs.add(path.rsplit("/", 1)[0])
+                entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d} for d in sorted(dirs)]
+                start = int(urllib.parse.parse_qs(url.query).get("cursor", ["0"])[0])
+                body = json.dumps(entries[start:start + hub.page]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if start + hub.page < len(entries):
+                    self.send_header("Link", f'<{hub.url}{url.path}?recursive=true&cursor={start + hub.page}>; rel="next"')
+                self.end_headers()
+                self.wfile.write(body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

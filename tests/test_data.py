@@ -2,8 +2,10 @@
 import csv
 import io
 import json
+import random
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 from conftest import ROOT
@@ -19,7 +21,7 @@ def prepare(name, fake_hub, out_dir, **env):
 
 
 def serve(fake_hub, repo, filename, data):
-    fake_hub.add(f"/datasets/{repo}/resolve/main/{filename}", data, lfs=True)
+    fake_hub.add(f"/datasets/{repo}/resolve/main/{urllib.parse.quote(filename)}", data, lfs=True)
 
 
 def read(path):
@@ -53,22 +55,6 @@ def test_lima_gated_names_the_open_alternative(fake_hub, tmp_path):
     assert "HTTP 401" in r.stderr and "HF_TOKEN" in r.stderr and "data/dolly/prepare.py" in r.stderr
 
 
-def test_poetry_reads_real_csv(fake_hub, tmp_path):
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["author", "content", "poem name", "age", "type"])
-    for i in range(24):
-        w.writerow(["A. Poet", f'Line one, "quoted",\r\nline two of poem {i}\r\n', f"Poem {i}", "Modern", "Love"])
-    w.writerow(["Anon", "A poem without a title", "", "Modern", "Love"])
-    serve(fake_hub, "merve/poetry", "poetry.csv", buf.getvalue().encode())
-    r = prepare("poetry", fake_hub, tmp_path)
-    assert r.returncode == 0, r.stderr
-    rows = read(tmp_path / "poetry_train.jsonl") + read(tmp_path / "poetry_val.jsonl")
-    assert len(rows) == 24 and len(read(tmp_path / "poetry_val.jsonl")) == 20
-    poem = next(c for c in rows if c[0]["content"] == "Write a poem called Poem 3")
-    assert poem[1]["content"] == 'Line one, "quoted",\r\nline two of poem 3'
-
-
 def test_dolly_puts_context_in_the_user_turn(fake_hub, tmp_path):
     rows = [{"instruction": f"Do {i}", "context": "Some passage." if i % 2 else "", "response": f"Done {i}",
              "category": "open_qa"} for i in range(305)]
@@ -92,25 +78,6 @@ def parquet(rows):
     return buf.getvalue()
 
 
-def test_gsm8k_from_parquet(fake_hub, tmp_path):
-    rows = [{"question": f"Tom has {i} apples. How many?", "answer": f"He has {i}.\n#### {i}"} for i in range(210)]
-    serve(fake_hub, "openai/gsm8k", "main/train-00000-of-00001.parquet", parquet(rows))
-    r = prepare("gsm8k", fake_hub, tmp_path)
-    assert r.returncode == 0, r.stderr
-    train = read(tmp_path / "gsm8k_train.jsonl")
-    assert len(train) == 10 and train[0][1]["content"].split("#### ")[1] in train[0][0]["content"]
-
-
-def test_mbpp_from_its_four_parquet_files(fake_hub, tmp_path):
-    for split, n in (("train", 20), ("test", 25), ("validation", 10), ("prompt", 5)):
-        rows = [{"task_id": i, "text": f"Write a function for {split} {i}.", "code": f"def f():\n    return {i}",
-                 "test_list": ["assert f()"]} for i in range(n)]
-        serve(fake_hub, "google-research-datasets/mbpp", f"full/{split}-00000-of-00001.parquet", parquet(rows))
-    r = prepare("mbpp", fake_hub, tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert len(read(tmp_path / "mbpp_train.jsonl")) == 10 and len(read(tmp_path / "mbpp_val.jsonl")) == 50
-
-
 def test_real_lima_file_loads_unchanged_when_present():
     path = ROOT.parent / "shared" / "data" / "lima_data.jsonl"
     if not path.is_file():
@@ -128,3 +95,162 @@ def test_alpaca_eval_prompts_with_references(fake_hub, tmp_path):
     got = chat.read_instructions(tmp_path / "alpaca_eval.jsonl")
     assert got[3] == {"instruction": "Question 3?", "reference": "Answer 3.", "dataset": "helpful_base"}
     assert len(got) == 7
+
+
+def texts(conversations):
+    return [[m["content"] for m in c] for c in conversations]
+
+
+def no_overlap(tmp_path, name):
+    """No validation conversation is also a training conversation (in their chat-format tokens)."""
+    val = tmp_path / f"{name}_val.jsonl"
+    train = {tuple(chat.encode_chat(c)[0]) for c in read(tmp_path / f"{name}_train.jsonl")}
+    assert not val.exists() or not any(tuple(chat.encode_chat(c)[0]) in train for c in read(val))
+
+
+def test_validation_never_repeats_a_training_conversation(tmp_path, capsys):
+    pair = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    train = [pair("Q1", "A1"), pair("Q2", "A2\r\nmore")]
+    val = [pair("Q1", "A1"), pair("Q2", "A2\nmore"), pair("Q3", "A3")]  # two copies: one after normalizing line ends
+    chat.write_sets(tmp_path, "t", train, val)
+    assert texts(read(tmp_path / "t_val.jsonl")) == [["Q3", "A3"]]
+    assert "dropped 2 validation conversations" in capsys.readouterr().out
+    assert texts(read(tmp_path / "t_train.jsonl"))[1] == ["Q2", "A2\nmore"]  # \r\n -> \n
+    chat.write_sets(tmp_path, "t", train)  # no validation set now: the old file must not linger
+    assert not (tmp_path / "t_val.jsonl").exists()
+    # the shuffled splits (LIMA, Dolly) go through the same check
+    chat.write_split(tmp_path, "s", [pair("Same", "Same")] * 10 + [pair("Other", "x")], n_val=3)
+    no_overlap(tmp_path, "s")
+
+
+def poetry_csv(rows):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")  # as the hub's file: CRLF rows, quoted multi-line fields
+    w.writerow(["author", "content", "poem name", "age", "type"])
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def test_poetry_is_every_titled_row_of_the_first_thousand(fake_hub, tmp_path):
+    rows = [["A. Poet", f'Line one, "quoted",\r\nline two of poem {i}\r\n', f"Poem {i}", "Modern", "Love"] for i in range(1003)]
+    rows[5][2] = ""  # untitled: skipped, as make_poetry.py skips None
+    rows[9] = rows[8]  # a poem listed twice: the official set keeps both
+    serve(fake_hub, "merve/poetry", "poetry.csv", poetry_csv(rows))
+    (tmp_path / "poetry_val.jsonl").write_text("stale\n")
+    r = prepare("poetry", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 rows" in r.stdout and "999 train, 0 val" in r.stdout
+    train = texts(read(tmp_path / "poetry_train.jsonl"))
+    assert len(train) == 999 and train[0] == ["Write a poem called Poem 0", 'Line one, "quoted",\nline two of poem 0\n']
+    assert train[7] == train[8] and ["Write a poem called Poem 999", rows[999][1].replace("\r\n", "\n")] == train[-1]
+    assert not (tmp_path / "poetry_val.jsonl").exists()  # every titled row trains: no validation set
+
+
+def test_gsm8k_is_the_first_thousand_of_train_validated_on_test(fake_hub, tmp_path):
+    train = [{"question": f"Tom has {i} apples. How many?", "answer": f"He has {i}.\n#### {i}"} for i in range(1100)]
+    test = [{"question": f"Ann has {i} pears?", "answer": f"#### {i}"} for i in range(230)]
+    serve(fake_hub, "openai/gsm8k", "main/train-00000-of-00001.parquet", parquet(train))
+    serve(fake_hub, "openai/gsm8k", "main/test-00000-of-00001.parquet", parquet(test))
+    r = prepare("gsm8k", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert texts(read(tmp_path / "gsm8k_train.jsonl")) == [[r["question"], r["answer"]] for r in train[:1000]]
+    assert texts(read(tmp_path / "gsm8k_val.jsonl")) == [[r["question"], r["answer"]] for r in test[:200]]
+
+
+def test_mbpp_is_its_train_split_validated_on_its_validation_split(fake_hub, tmp_path):
+    for split, n in (("train", 37), ("test", 25), ("validation", 9), ("prompt", 5)):
+        rows = [{"task_id": i, "text": f"Write a function for {split} {i}.", "code": f"def f():\r\n    return {i}\r\n",
+                 "test_list": ["assert f()"]} for i in range(n)]
+        serve(fake_hub, "google-research-datasets/mbpp", f"full/{split}-00000-of-00001.parquet", parquet(rows))
+    r = prepare("mbpp", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    train, val = texts(read(tmp_path / "mbpp_train.jsonl")), texts(read(tmp_path / "mbpp_val.jsonl"))
+    assert len(train) == 37 and len(val) == 9
+    assert train[3] == ["Write a function for train 3.", "def f():\n    return 3\n"]  # CRLF -> LF
+    assert all("test" not in q and "prompt" not in q for q, _ in train + val)
+
+
+KFR = "Food Ingredients and Recipe Dataset with Image Name Mapping.csv"
+
+
+def test_recipes_from_the_csv_with_spaces_in_its_name(fake_hub, tmp_path):
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["", "Title", "Ingredients", "Instructions", "Image_Name", "Cleaned_Ingredients"])
+    for i in range(1060):
+        ingredients = repr([f"{i} cups flour, sifted", 'a "pinch" of salt', "1 egg's yolk"])
+        w.writerow([i, f"Cake {i}", ingredients, f"Mix.\nBake {i} minutes.", f"cake-{i}", ingredients])
+    text = buf.getvalue().splitlines(keepends=True)
+    rows = list(csv.reader(io.StringIO(buf.getvalue())))
+    rows[3][1] = ""  # no title
+    rows[4][3] = ""  # no instructions
+    rows[5][5] = "__import__('os').system('echo pwned')"  # not a literal: skipped, never run
+    rows[6][5] = "['unclosed"
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    assert len(text) > 1060  # multi-line quoted fields
+    serve(fake_hub, "Hieu-Pham/kaggle_food_recipes", KFR, buf.getvalue().encode())
+    r = prepare("recipes", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 4 of the first 1000 rows" in r.stdout and "pwned" not in r.stdout + r.stderr
+    train, val = texts(read(tmp_path / "recipes_train.jsonl")), texts(read(tmp_path / "recipes_val.jsonl"))
+    assert len(train) == 996 and len(val) == 50
+    assert train[0] == ["Recipe for Cake 0", ' - 0 cups flour, sifted\n - a "pinch" of salt\n - 1 egg\'s yolk\n'
+                                             "\n\nMix.\nBake 0 minutes."]
+    assert val[0][0] == "Recipe for Cake 1000" and val[-1][0] == "Recipe for Cake 1049"
+    ids, _ = chat.encode_chat(read(tmp_path / "recipes_train.jsonl")[0])  # the chat format strips the turn, as
+    assert "<|assistant|>\n- 0 cups" in chat.tokenizer().decode(ids)   # open-instruct does: the first " - " loses its space
+
+
+def pgn_game(i, moves=True, white=True):
+    lines = [f'[Event "Rated Blitz game {i}"]', '[Site "https://lichess.org/x"]', '[White "a"]', '[Black "b"]']
+    lines += [f'[WhiteElo "{1500 + i}"]'] if white else []
+    lines += [f'[BlackElo "{1400 + i}"]', '[Opening "?"]', ""]
+    lines += [f"1. e4 e5 2. Nf3 Nc6 {i}. Bb5 1-0", ""] if moves else ["0-1", ""]
+    return lines
+
+
+def test_chess_streams_the_first_thousand_games_from_the_listed_files(fake_hub, tmp_path):
+    games = [pgn_game(i, moves=i != 7, white=i != 11) for i in range(1200)]
+    first = "\r\n".join(line for g in games[:600] for line in g) + "\r\n"
+    second = "\n".join(line for g in games[600:] for line in g) + "\n"
+    repo = "patrickfrank1/chess-pgn-games"
+    serve(fake_hub, repo, "data/lichess_db_standard_rated_2013-02.txt", second.encode())  # listed out of order
+    serve(fake_hub, repo, "data/lichess_db_standard_rated_2013-01.txt", first.encode())
+    serve(fake_hub, repo, "data/lichess_db_standard_rated_2013-01.pgn.zst", b"\x28\xb5\x2f\xfd")  # compressed: not read
+    serve(fake_hub, repo, "README.md", b"# chess\n")
+    fake_hub.page = 2  # the listing comes in pages, linked by rel="next"
+    r = prepare("chess", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 2 games" in r.stdout
+    train, val = texts(read(tmp_path / "chess_train.jsonl")), texts(read(tmp_path / "chess_val.jsonl"))
+    assert len(train) == 1000 and len(val) == 50
+    assert train[0] == ['[WhiteElo "1500"]\n[BlackElo "1400"]\n', "1. e4 e5 2. Nf3 Nc6 0. Bb5 1-0"]
+    kept = [i for i in range(1200) if i not in (7, 11)]
+    assert [int(t[0].split('"')[1]) - 1500 for t in train + val] == kept[:1050]
+    assert not fake_hub.gets(".zst") and len(fake_hub.gets("2013-02.txt")) == 1
+
+
+def test_alpaca_ranking_set_draws_the_official_templates(fake_hub, tmp_path):
+    rows = [{"instruction": f"  Do task {i}. ", "input": f"input {i}" if i % 3 == 0 else "", "output": f" Result {i}\n",
+             "text": "ignored"} for i in range(1010)]
+    serve(fake_hub, "tatsu-lab/alpaca", "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet", parquet(rows))
+    serve(fake_hub, "tatsu-lab/alpaca", "alpaca_data.json", b"[]")
+    r = prepare("alpaca", fake_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = chat.read_instructions(tmp_path / "alpaca.jsonl")
+    assert len(got) == 1000
+    # random.choices(templates, weights) takes one random() per call and picks where it falls in the cumulative
+    # weights: with instruction_encode_templates.py's weights, seeded 42 as reformat_datasets.py is
+    rng, weights = random.Random(42), [.2, .1, .1] + [.05] * 10 + [.1]  # the same for both template lists
+    for i, row in enumerate(got):
+        u, k = rng.random() * sum(weights), 0
+        while u >= sum(weights[:k + 1]):
+            k += 1
+        if i % 3 == 0:  # the first template with an input is "{instruction}\n\n{input}\n\n"; the last, Alpaca's own
+            assert (k == 0) == (row["instruction"] == f"Do task {i}.\n\ninput {i}\n\n"), i
+            assert (k == 13) == row["instruction"].startswith("Below is an instruction that describes a task, paired")
+        else:
+            assert (k == 2) == (row["instruction"] == f"Do task {i}." and row["reference"] == f"\nResult {i}"), i
+            assert (k == 13) == row["instruction"].endswith(f"### Instruction:\nDo task {i}.\n\n### Response:")
+        assert row["reference"].strip() == f"Result {i}" and row["dataset"] == "stanford_alpaca"

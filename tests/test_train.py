@@ -243,5 +243,9 @@ def test_toml_config_and_flags_override(tmp_path):
     cfg.write_text('data = "sample"\nbogus = 1\n')
     with pytest.raises(ValueError, match="run.toml: unknown key 'bogus'"):
         train.parse_flags(train.DEFAULTS, [str(cfg)], "")
-    for name in ("instruction_tuning", "response_tuning", "poetry", "smoke"):  # the shipped configs parse
-        train.parse_flags(train.DEFAULTS, [str(ROOT / "config" / f"{name}.toml")], "")
+    names = sorted(p.stem for p in (ROOT / "config").glob("*.toml"))
+    assert names == ["chess", "gsm8k", "instruction_tuning", "mbpp", "poetry", "recipes", "response_tuning", "smoke"]
+    for name in names:  # the shipped configs parse, and each single-task one has the official epochs
+        config = train.parse_flags(train.DEFAULTS, [str(ROOT / "config" / f"{name}.toml")], "")
+        epochs = {"gsm8k": 7, "mbpp": 15, "poetry": 15, "recipes": 20, "chess": 15}.get(name)
+        assert epochs is None or (config["epochs"], config["data"]) == (epochs, name)

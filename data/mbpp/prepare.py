@@ -1,9 +1,14 @@
 """
-MBPP (google-research-datasets/mbpp): short Python programming problems, one of the paper's single-task sets
-(section 4): the problem text as the instruction, the reference code as the response.
+MBPP (google-research-datasets/mbpp, CC BY 4.0): short Python programming problems, one of the paper's five
+single-task sets (section 4), built as the official data/processed/mbpp/make_mbpp.py builds it: the `train`
+split of the `full` configuration (374 problems), problem text -> reference code. Trained for 15 epochs
+(config/mbpp.toml, as scripts/iclr2025/expt2_llama/mbpp/finetune_seed1.sh).
 
     pip install pyarrow                   # the hub hosts MBPP only as parquet
     python data/mbpp/prepare.py           # writes data/mbpp/mbpp_{train,val}.jsonl
+
+The validation set is MBPP's own validation split (90 problems): outside the official training set. The
+code's Windows line ends (\\r\\n) become \\n (chat.normalize).
 """
 import sys
 from pathlib import Path
@@ -12,21 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import chat  # noqa: E402
 import hub  # noqa: E402
 
-SPLITS = ("train", "test", "validation", "prompt")  # all 974 problems: a finetuning set, not a benchmark here
+
+def split(name):
+    rows = hub.read_parquet(hub.cached_download("google-research-datasets/mbpp", f"full/{name}-00000-of-00001.parquet", "dataset"))
+    return [[{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["code"]}] for r in rows]
 
 
 def main(argv):
     out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
-    rows = []
-    for split in SPLITS:
-        rows += hub.read_parquet(hub.cached_download("google-research-datasets/mbpp", f"full/{split}-00000-of-00001.parquet", "dataset"))
-    conversations = [[{"role": "user", "content": r["text"].strip()}, {"role": "assistant", "content": r["code"].strip()}]
-                     for r in rows]
-    chat.write_split(out_dir, "mbpp", conversations, n_val=50)
+    chat.write_sets(out_dir, "mbpp", split("train"), split("validation"))
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, KeyError) as e:
         sys.exit(f"error: {e}")

@@ -1,8 +1,13 @@
 """
-Poetry (merve/poetry, 573 poems): the paper's single-task finetuning set (section 4), formatted as
-`Write a poem called {title}` -> the poem.
+Poetry (merve/poetry, 573 poems): the paper's best-known single-task set (section 4), built as the official
+data/processed/poetry/make_poetry.py builds it: every row with a title among the first 1,000, as
+`Write a poem called {poem name}` -> `{content}`. Trained for 15 epochs (config/poetry.toml).
 
-    python data/poetry/prepare.py         # writes data/poetry/poetry_{train,val}.jsonl
+    python data/poetry/prepare.py         # writes data/poetry/poetry_train.jsonl
+
+There is no validation set: the official set takes every titled row, so none is left outside it. (The CSV
+lists some poems twice; the official set keeps both copies, and so do we.) The poems' Windows line ends
+(\\r\\n) become \\n (chat.normalize).
 """
 import csv
 import sys
@@ -12,23 +17,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import chat  # noqa: E402
 import hub  # noqa: E402
 
+LIMIT = 1000  # make_poetry.py stops at row 1,000 (the file has fewer)
 
-def convert(path, limit=1000):
-    """Rows with a title, up to `limit`. Poems hold newlines, commas and quotes: read as real CSV."""
-    conversations = []
+
+def convert(path):
+    """Titled rows among the first LIMIT, and how many were skipped. Poems hold newlines, commas and quotes:
+    read as real CSV."""
+    conversations, skipped = [], 0
     with open(path, encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            title, poem = (row.get("poem name") or "").strip(), (row.get("content") or "").strip()
-            if title and poem and len(conversations) < limit:
-                conversations.append([{"role": "user", "content": f"Write a poem called {title}"},
-                                      {"role": "assistant", "content": poem}])
-    return conversations
+        for i, row in enumerate(csv.DictReader(f)):
+            if i == LIMIT:
+                break
+            title, poem = row.get("poem name") or "", row.get("content") or ""
+            if not title.strip() or not poem.strip():  # make_poetry.py skips untitled rows (None)
+                skipped += 1
+                continue
+            conversations.append([{"role": "user", "content": f"Write a poem called {title}"},
+                                  {"role": "assistant", "content": poem}])
+    return conversations, skipped
 
 
 def main(argv):
     out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
-    path = hub.cached_download("merve/poetry", "poetry.csv", "dataset")
-    chat.write_split(out_dir, "poetry", convert(path), n_val=20)
+    conversations, skipped = convert(hub.cached_download("merve/poetry", "poetry.csv", "dataset"))
+    print(f"poetry: skipped {skipped} rows without a title or a poem")
+    chat.write_sets(out_dir, "poetry", conversations)
 
 
 if __name__ == "__main__":
