@@ -37,7 +37,8 @@ DEFAULTS = {
     "eos_hold": (False, "keep the EOS bias at +15 after 250 tokens (the official code drops it to 0)"),
     "response_only": (False, "diversity rule on response tokens only (the official code includes the instruction)"),
     "what_bias": (-5.0, "uniform-rule bias on ' What' (Listing 1 and the code: -5; Table 8: -3)"),
-    "max_new_tokens": (512, "stop after this many tokens if <|endoftext|> has not come (and at the context's end)"),
+    "max_new_tokens": (1024, "stop after this many new tokens if <|endoftext|> has not come; the context (1,024 for "
+                              "GPT-2) ends it too, so 1024 = until <|endoftext|>, as the official evaluation (limit 8,192)"),
     "greedy": (True, "argmax decoding, as in the paper's evaluation; False samples"),
     "temperature": (1.0, "sampling temperature (with --greedy=False)"),
     "top_k": (0, "sample only from the k most likely tokens; 0 = all"),

@@ -176,16 +176,21 @@ def data_files(name):
         return Path(name), None
     base = name.removesuffix("_responses")
     train, val = ROOT / "data" / base / f"{name}_train.jsonl", ROOT / "data" / base / f"{name}_val.jsonl"
-    prepare = ROOT / "data" / base / "prepare.py"
-    if not train.is_file() and prepare.is_file():
-        print(f"{train.relative_to(ROOT)} is missing: running {prepare.relative_to(ROOT)}", file=sys.stderr)
-        if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
-            raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
+    prepare_data(base, train)
     if not train.is_file():
         known = sorted(p.name.removesuffix("_train.jsonl") for p in (ROOT / "data").glob("*/*_train.jsonl"))
         known += [p.parent.name for p in (ROOT / "data").glob("*/prepare.py") if p.parent.name not in known]
         raise ValueError(f"--data={name}: unknown data name and not a .jsonl file (known: {', '.join(sorted(set(known)))})")
     return train, val if val.is_file() else None
+
+
+def prepare_data(name, path):
+    """If `path` is missing, run data/<name>/prepare.py, which writes it (and may download)."""
+    prepare = ROOT / "data" / name / "prepare.py"
+    if not path.is_file() and prepare.is_file():
+        print(f"{path.relative_to(ROOT)} is missing: running {prepare.relative_to(ROOT)}", file=sys.stderr)
+        if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
+            raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
 
 
 def tokenize(conversations, block_size):

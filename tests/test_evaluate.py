@@ -67,8 +67,8 @@ def test_a_model_that_always_stops_at_once(tmp_path):
     directory = eos_only_model(tmp_path / "eos")
     rows = [{"instruction": "Say hi.", "reference": "Hi!", "dataset": "t"},
             {"instruction": "Name a color.", "reference": "Blue.", "dataset": "t"}]
-    config = {**{k: v for k, (v, _) in evaluate.DEFAULTS.items()}, "max_new_tokens": 10}
-    metrics, alpaca = evaluate.evaluate_model(str(directory), rows, config, "cpu", "float32")
+    config = {k: v for k, (v, _) in evaluate.DEFAULTS.items()}
+    metrics, alpaca = evaluate.evaluate_model(str(directory), rows, rows, config, "cpu", "float32", max_new_tokens=10)
     assert metrics["stop"] == 100 and metrics["length"] == 0 and metrics["breaks"] == 0
     assert [a["output"] for a in alpaca] == ["", ""]
     assert metrics["nll"] > 100  # every reference token other than the final <|endoftext|> is all but impossible
@@ -77,8 +77,8 @@ def test_a_model_that_always_stops_at_once(tmp_path):
 def test_reference_nll_is_hf_masked_loss(small_hf):
     hf, directory = small_hf
     model = GPT.from_pretrained(directory).eval()
-    instruction, response = "Name three primary colors.", "Red, yellow and blue."
-    ours = -evaluate.response_logprobs(model, None, instruction, response, "cpu", "float32").mean()
+    instruction, response = "Name three primary colors.", " Red, yellow and blue.\n"
+    ours = -evaluate.score_responses(model, None, [(instruction, response)], "cpu", "float32")[0].mean()
     ids, mask = chat.encode_chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
 def test_scoring_with_rules_is_the_product_of_experts(small_hf):
     model = GPT.from_pretrained(small_hf[1]).eval()
     instruction, response = "List two colors.", "- red\n- red"
-    ours = evaluate.response_logprobs(model, Rules(), instruction, response, "cpu", "float32")
+    ours = evaluate.score_responses(model, Rules(), [(instruction, response)], "cpu", "float32")[0]
     prompt, target = chat.encode_prompt(instruction), chat.encode(response) + [EOT]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + target]))[0][0]
@@ -99,31 +99,87 @@ def test_scoring_with_rules_is_the_product_of_experts(small_hf):
         assert ours[t].item() == pytest.approx(expected[token].item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("rules", [None, Rules()], ids=["model", "model+rules"])
+def test_batched_scoring_equals_one_at_a_time(small_hf, rules):
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    rows = [json.loads(line) for line in open(ROOT / "data" / "eval" / "eval.jsonl")][:7]
+    pairs = [(a["instruction"], b["reference"]) for a in rows for b in rows[:3]]  # 21 pairs of varied lengths
+    pairs.append(("x " * 50, "y " * 100))  # longer than the 128-token context: the response's end is cut
+    pairs.append(("x " * 150, "y " * 10))  # a prompt longer than the context alone: it loses its start
+    batched = evaluate.score_responses(model, rules, pairs, "cpu", "float32", batch_size=5)
+    alone = [evaluate.score_responses(model, rules, [pair], "cpu", "float32", batch_size=1)[0] for pair in pairs]
+    assert [len(a) for a in alone][-2:] == [128 + 1 - len(chat.encode_prompt("x " * 50)), 1]
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_similarity_axes_on_constructed_vectors():
+    e = torch.eye(4)  # four orthogonal unit directions
+    task_asked, task_answered, reference = e[[0, 0]], e[[1, 1, 1]], e[[2]]
+    asked = torch.stack([e[0], F.normalize(e[0] + e[3], dim=0), e[3]])  # close to, halfway from, far from the task
+    answered = torch.stack([e[1], F.normalize(e[1] + e[2], dim=0), e[2]])  # in the task's style ... in the reference's
+    x, y = evaluate.similarity_axes(asked, answered, task_asked, task_answered, reference)
+    torch.testing.assert_close(x, torch.tensor([1.0, 0.5 ** 0.5, 0.0]))
+    torch.testing.assert_close(y, torch.tensor([1.0, 0.0, -1.0]))
+
+
+def test_embedding_is_hf_mean_pooled_hidden_states(small_hf):
+    hf, directory = small_hf
+    model = GPT.from_pretrained(directory).eval()
+    texts = ["A short one.", "A somewhat longer text, so that the batch is padded on the right.", ""]
+    ours = evaluate.embed(model, texts, "cpu", "float32", batch_size=3)
+    for text, vector in zip(texts, ours):
+        ids = chat.encode(text) or [EOT]
+        with torch.no_grad():
+            ref = hf.transformer(torch.tensor([ids])).last_hidden_state[0].mean(0)  # after ln_f, as ours
+        torch.testing.assert_close(vector, ref, atol=1e-5, rtol=0)
+
+
 def test_whole_comparison_smoke_run(small_hf, tmp_path):
     _, directory = small_hf
     rows = [json.loads(line) for line in open(ROOT / "data" / "eval" / "eval.jsonl")][:6]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rank.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:6]))
     out = tmp_path / "eval"
     train_args = "--max_iters=2 --batch_size=2 --gradient_accumulation_steps=1 --block_size=128 --show_examples=0 --eval_interval=10"
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--compare", f"--base={directory}",
-                        "--instruction_data=sample", "--response_data=sample_responses", "--poetry_data=sample",
-                        f"--train_args={train_args}", f"--eval_set={tmp_path / 'eval.jsonl'}", f"--out_dir={out}",
-                        "--max_new_tokens=6", "--negatives=2", "--device=cpu"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    common = [f"--base={directory}", "--instruction_data=sample", "--response_data=sample_responses", "--task_data=sample",
+              f"--out_dir={out}", "--device=cpu"]
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--compare", *common, f"--train_args={train_args}",
+                        f"--eval_set={tmp_path / 'eval.jsonl'}", f"--ranking_set={tmp_path / 'rank.jsonl'}",
+                        "--max_new_tokens=6", "--negatives=2"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    labels = ["base", "base + rules", "no EOS rule", "no diversity rule", "no uniform rule",
-              "instruction-tuned", "response-tuned", "poetry-tuned"]
+    labels = ["base", "base + rules", "no EOS rule", "no diversity rule", "no uniform rule", "instruction-tuned",
+              "response-tuned", "gsm8k-tuned", "mbpp-tuned", "recipes-tuned", "chess-tuned", "poetry-tuned"]
     table = (out / "results.md").read_text()
     assert all(f"| {label} |" in table for label in labels) and "paper: win % vs instruction-tuned" in table
-    assert "| base | " in table and "| 2.4 | 80.4 |" in table
+    assert "| 2.4 | 80.4 |" in table and "| 23.7 | – |" in table and "| 2.1 | – |" in table
+    assert "ranking % (rank, 4)" in table  # the column names the set it ranked
     results = json.loads((out / "results.json").read_text())
-    assert list(results["results"]) == labels
+    assert list(results["results"]) == labels and results["ranking_set"] == str(tmp_path / "rank.jsonl")
     assert all(0 <= m["ranking"] <= 100 and m["nll"] > 0 for m in results["results"].values())
+    assert [m["max_new_tokens"] for m in results["results"].values()] == [6] * 12  # 512 only caps more than 512
     for label in labels:
         answers = json.loads((out / f"{label.replace(' ', '-')}.json").read_text())
         assert len(answers) == 6 and set(answers[0]) == {"instruction", "output", "generator", "dataset"}
     assert (out / "results.png").stat().st_size > 5000
-    assert (out / "runs" / f"{directory.name}_response_tuning" / "model.safetensors").is_file()
+    assert (out / "runs" / f"{directory.name}_chess" / "model.safetensors").is_file()
+    # then the response-similarity analysis of the five single-task models, against other reference responses
+    reference = ROOT / "data" / "sample" / "sample_val.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--similarity", *common, f"--instruction_data={reference}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    similarity = json.loads((out / "similarity.json").read_text())["tasks"]
+    assert list(similarity) == ["gsm8k", "mbpp", "recipes", "chess", "poetry"]
+    assert all(len(m["x"]) == 6 and -1 <= m["r"] <= 1 for m in similarity.values())
+    assert "| poetry-tuned | 6 |" in r.stdout and (out / "similarity-poetry.png").stat().st_size > 5000
+
+
+def test_only_the_model_without_the_eos_rule_is_limited_to_512_tokens():
+    limits = {label: n for label, _, n in evaluate.rule_models("gpt2", 1024)}
+    assert limits == {"base": 1024, "base + rules": 1024, "no EOS rule": 512, "no diversity rule": 1024,
+                      "no uniform rule": 1024}
+    assert {n for _, _, n in evaluate.rule_models("gpt2", 100)} == {100}
+    assert [spec for _, spec, _ in evaluate.rule_models("gpt2", 9)][2] == "gpt2+rules=diversity,uniform"
 
 
 def test_cli_mistakes_are_one_line(tmp_path):

@@ -43,5 +43,5 @@ def test_sample_cli_answers_a_prompt_and_fails_in_one_line(small_hf, tmp_path):
 def test_help_lists_every_flag_with_its_default():
     out = run("sample.py", "--help")
     assert out.returncode == 0
-    for flag in ("--init_from=gpt2", "--max_new_tokens=512", "--rules=none", "--greedy=True", "--device=auto", "--dtype=auto"):
+    for flag in ("--init_from=gpt2", "--max_new_tokens=1024", "--rules=none", "--greedy=True", "--device=auto", "--dtype=auto"):
         assert flag in out.stdout
