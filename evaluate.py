@@ -368,8 +368,9 @@ def similarity(config, device, dtype):
     print("| --- | ---: | ---: | ---: |")
     for task, m in results.items():
         print(f"| {task}-tuned | {len(m['x'])} | {m['r']:.3f} | {m['mean_y']:+.4f} |")
-    chat.write_atomic(out_dir / "similarity.json", json.dumps({"embedding": f"{config['base']}, mean-pooled, centered",
-                                                              "reference": config["instruction_data"], "tasks": results}, indent=2))
+    summary = {"embedding": f"{config['base']}, mean-pooled, centered", "reference": config["instruction_data"],
+               "tasks": results}
+    chat.write_atomic(out_dir / "similarity.json", json.dumps(summary, indent=2))
     print(f"wrote {out_dir}/similarity.json and similarity-<task>.png", file=sys.stderr)
 
 

@@ -141,7 +141,8 @@ def test_whole_comparison_smoke_run(small_hf, tmp_path):
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "rank.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:6]))
     out = tmp_path / "eval"
-    train_args = "--max_iters=2 --batch_size=2 --gradient_accumulation_steps=1 --block_size=128 --show_examples=0 --eval_interval=10"
+    train_args = ("--max_iters=2 --batch_size=2 --gradient_accumulation_steps=1 --block_size=128 --show_examples=0 "
+                  "--eval_interval=10")
     common = [f"--base={directory}", "--instruction_data=sample", "--response_data=sample_responses", "--task_data=sample",
               f"--out_dir={out}", "--device=cpu"]
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--compare", *common, f"--train_args={train_args}",

@@ -36,8 +36,10 @@ def games(lines):
         elif "BlackElo" in line:
             black = line
         elif line.startswith("1. "):
-            complete = white is not None and black is not None
-            yield [{"role": "user", "content": white + "\n" + black + "\n"}, {"role": "assistant", "content": line}] if complete else None
+            if white is None or black is None:
+                yield None
+            else:
+                yield [{"role": "user", "content": white + "\n" + black + "\n"}, {"role": "assistant", "content": line}]
             white = black = None
 
 

@@ -19,7 +19,8 @@ import hub  # noqa: E402
 
 
 def split(name):
-    rows = hub.read_parquet(hub.cached_download("google-research-datasets/mbpp", f"full/{name}-00000-of-00001.parquet", "dataset"))
+    path = hub.cached_download("google-research-datasets/mbpp", f"full/{name}-00000-of-00001.parquet", "dataset")
+    rows = hub.read_parquet(path)
     return [[{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["code"]}] for r in rows]
 
 
