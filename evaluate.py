@@ -332,11 +332,12 @@ def similarity(config, device, dtype):
     """Section 5.2 for each single-task model of --compare: similarity-<task>.png, and per model the
     correlation of x and y (similarity_axes) and the mean of y, in similarity.json."""
     out_dir, tasks = Path(config["out_dir"]), config["tasks"].split()
-    groups = {"reference": [c[1]["content"] for c in chat.read_conversations(data_files(config["instruction_data"])[0])]}
-    for task in tasks:
-        path = out_dir / f"{file_name(f'{task}-tuned')}.json"
+    paths = {task: out_dir / f"{file_name(f'{task}-tuned')}.json" for task in tasks}
+    for task, path in paths.items():  # before anything is downloaded
         if not path.is_file():
             raise OSError(f"{path}: no answers of the {task}-tuned model; run python evaluate.py --compare first")
+    groups = {"reference": [c[1]["content"] for c in chat.read_conversations(data_files(config["instruction_data"])[0])]}
+    for task, path in paths.items():
         answers = json.loads(path.read_text(encoding="utf-8"))
         finetuning = chat.read_conversations(data_files(config["task_data"] or task)[0])
         groups |= {(task, "asked"): [a["instruction"] for a in answers], (task, "answered"): [a["output"] for a in answers],
@@ -383,11 +384,11 @@ def main(argv):
         return similarity(config, device, dtype)
     rows = chat.read_instructions(config["eval_set"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    ranked, ranked_file = ranking_set(config, rows)  # a missing file fails now, not after training
     limit = config["max_new_tokens"]
     models = comparison(config) if config["compare"] else [(spec, spec, limit) for spec in config["models"].split()]
     for _, spec, _ in models:  # a typo fails now, not after an hour of generation
         parse_model(spec)
-    ranked, ranked_file = ranking_set(config, rows)
     results = {}
     for label, spec, max_new_tokens in models:
         metrics, alpaca = evaluate_model(spec, rows, ranked, config, device, dtype, max_new_tokens)

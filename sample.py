@@ -36,7 +36,7 @@ DEFAULTS = {
     "rules": ("none", "rules multiplied in: eos,diversity,uniform (a bare --rules = all), or none"),
     "eos_hold": (False, "keep the EOS bias at +15 after 250 tokens (the official code drops it to 0)"),
     "response_only": (False, "diversity rule on response tokens only (the official code includes the instruction)"),
-    "what_bias": (-5.0, "uniform-rule bias on ' What' (Listing 1 and the code: -5; Table 8: -3)"),
+    "what_bias": (-5.0, "uniform-rule bias on 'What' (GPT-2 id 2061; Listing 1 and the code: -5; Table 8: -3)"),
     "max_new_tokens": (1024, "stop after this many new tokens if <|endoftext|> has not come; the context (1,024 for "
                               "GPT-2) ends it too, so 1024 = until <|endoftext|>, as the official evaluation (limit 8,192)"),
     "greedy": (True, "argmax decoding, as in the paper's evaluation; False samples"),

@@ -185,7 +185,11 @@ def test_only_the_model_without_the_eos_rule_is_limited_to_512_tokens():
 
 def test_cli_mistakes_are_one_line(tmp_path):
     for args, message in [(("--models=gpt2+rules=bogus",), "--models: gpt2+rules=bogus: unknown rule 'bogus'"),
-                          ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file")]:
+                          ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file"),
+                          (("--compare", f"--ranking_set={tmp_path / 'none.jsonl'}"), "none.jsonl: no such file"),
+                          (("--similarity",), "gsm8k-tuned.json: no answers of the gsm8k-tuned model; run python "
+                                              "evaluate.py --compare first")]:
         r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args, f"--out_dir={tmp_path}"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+        assert not (tmp_path / "runs").exists()  # nothing was trained before the mistake was found
