@@ -247,6 +247,20 @@ def write_split(directory, name, conversations, n_val, seed=0, responses_only=Fa
     write_sets(directory, name, conversations[n_val:], conversations[:n_val], responses_only)
 
 
+def prepare_command(main, doc, default_dir):
+    """The command line every data/*/prepare.py shares: `[--out_dir=DIR]` (default: the script's own folder) or
+    --help. main(out_dir) runs; a failed download or a malformed file ends in one line and exit status 1."""
+    argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        sys.exit(print(f"{doc.strip()}\n\n    --out_dir=DIR    where to write the files (default: {default_dir})"))
+    if len(argv) > 1 or (argv and not argv[0].startswith("--out_dir=")):
+        sys.exit(f"error: unknown argument {argv[-1]!r} (the one flag is --out_dir=DIR; see --help)")
+    try:
+        main(Path(argv[0].removeprefix("--out_dir=")) if argv else Path(default_dir))
+    except (ValueError, OSError, KeyError) as e:  # KeyError: a file without a field it must have
+        sys.exit(f"error: {e}")
+
+
 def describe(name, conversations, block_size=1024):
     """Print how many conversations there are, how many are multi-turn, and their token lengths."""
     lengths = sorted(len(encode_chat(c)[0]) for c in tqdm(conversations, desc=f"tokenizing {name}", leave=False))

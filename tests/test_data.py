@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import chat
 
 
 def prepare(name, fake_hub, out_dir, **env):
-    import os
     return subprocess.run([sys.executable, str(ROOT / "data" / name / "prepare.py"), f"--out_dir={out_dir}"],
                           capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HF_ENDPOINT": fake_hub.url, **env})
@@ -254,3 +254,20 @@ def test_alpaca_ranking_set_draws_the_official_templates(fake_hub, tmp_path):
             assert (k == 2) == (row["instruction"] == f"Do task {i}." and row["reference"] == f"\nResult {i}"), i
             assert (k == 13) == row["instruction"].endswith(f"### Instruction:\nDo task {i}.\n\n### Response:")
         assert row["reference"].strip() == f"Result {i}" and row["dataset"] == "stanford_alpaca"
+
+
+@pytest.mark.parametrize("name", ["lima", "dolly", "gsm8k", "mbpp", "poetry", "recipes", "chess", "alpaca", "alpaca_eval"])
+def test_prepare_scripts_take_help_and_refuse_other_arguments(fake_hub, tmp_path, name):
+    work = tmp_path / "work"  # beside the fake hub's cache folder
+    work.mkdir()
+    r = prepare(name, fake_hub, work)  # the fake hub serves nothing: one line that says what is missing
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    asked = len(fake_hub.requests)
+    script = str(ROOT / "data" / name / "prepare.py")
+    r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=work,
+                       env={**os.environ, "HF_ENDPOINT": fake_hub.url})
+    assert r.returncode == 0 and "python data/" in r.stdout and "--out_dir=DIR" in r.stdout
+    assert len(fake_hub.requests) == asked  # --help downloads nothing
+    r = subprocess.run([sys.executable, script, "--outdir=x"], capture_output=True, text=True, cwd=work)
+    assert r.returncode == 1 and r.stderr == "error: unknown argument '--outdir=x' (the one flag is --out_dir=DIR; see --help)\n"
+    assert list(work.iterdir()) == []  # nothing written anywhere, no folder named after a flag

@@ -71,8 +71,7 @@ def encode(row, rng):
     return user, completion.format(output=row["output"].strip())
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     files = [f for f in hub.list_files("tatsu-lab/alpaca", "data", "dataset") if f.endswith(".parquet")]
     if not files:
         raise OSError("tatsu-lab/alpaca: no parquet file in its data/ folder (has the dataset changed?)")
@@ -85,7 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

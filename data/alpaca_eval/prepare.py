@@ -14,8 +14,7 @@ import chat  # noqa: E402
 import hub  # noqa: E402
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     path = hub.cached_download("tatsu-lab/alpaca_eval", "alpaca_eval.json", "dataset")
     rows = json.loads(path.read_text(encoding="utf-8"))  # [{"instruction", "output", "generator", "dataset"}]
     chat.write_jsonl(out_dir / "alpaca_eval.jsonl", [{"instruction": r["instruction"], "reference": r["output"],
@@ -24,7 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

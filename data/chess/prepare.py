@@ -48,8 +48,7 @@ def pgn_lines(files):
         yield from hub.stream_lines(REPO, name, "dataset")
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     files = [f for f in hub.list_files(REPO, "data", "dataset") if not f.endswith(COMPRESSED)]
     if not files:
         raise OSError(f"{REPO}: no uncompressed text file in its data/ folder (has the dataset changed?)")
@@ -66,7 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

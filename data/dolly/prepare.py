@@ -28,14 +28,10 @@ def convert(path):
     return conversations
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     path = hub.cached_download("databricks/databricks-dolly-15k", "databricks-dolly-15k.jsonl", "dataset")
     chat.write_split(out_dir, "dolly", convert(path), n_val=300, responses_only=True)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

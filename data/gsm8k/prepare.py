@@ -23,15 +23,11 @@ def conversations(rows):
     return [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}] for r in rows]
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     train = hub.read_parquet(hub.cached_download("openai/gsm8k", "main/train-00000-of-00001.parquet", "dataset"))
     test = hub.read_parquet(hub.cached_download("openai/gsm8k", "main/test-00000-of-00001.parquet", "dataset"))
     chat.write_sets(out_dir, "gsm8k", conversations(train[:N_TRAIN]), conversations(test[:N_VAL]))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

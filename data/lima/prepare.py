@@ -27,8 +27,7 @@ def convert(path):
     return conversations
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     try:
         path = hub.cached_download("GAIR/lima", "train.jsonl", "dataset")
     except OSError as e:
@@ -38,7 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

@@ -24,13 +24,9 @@ def split(name):
     return [[{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["code"]}] for r in rows]
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     chat.write_sets(out_dir, "mbpp", split("train"), split("validation"))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

@@ -37,15 +37,11 @@ def convert(path):
     return conversations, skipped
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     conversations, skipped = convert(hub.cached_download("merve/poetry", "poetry.csv", "dataset"))
     print(f"poetry: skipped {skipped} rows without a title or a poem")
     chat.write_sets(out_dir, "poetry", conversations)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)

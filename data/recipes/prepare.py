@@ -54,15 +54,11 @@ def convert(path):
     return train, val, skipped
 
 
-def main(argv):
-    out_dir = Path(argv[0].removeprefix("--out_dir=")) if argv else Path(__file__).parent
+def main(out_dir):
     train, val, skipped = convert(hub.cached_download("Hieu-Pham/kaggle_food_recipes", FILE, "dataset"))
     print(f"recipes: skipped {skipped} of the first {N_TRAIN} rows (no title, no instructions, or no ingredient list)")
     chat.write_sets(out_dir, "recipes", train, val)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    chat.prepare_command(main, __doc__, Path(__file__).parent)
