@@ -143,6 +143,28 @@ def read_conversations(path):
     return conversations
 
 
+def jsonl_kind(path):
+    """"text" if the first row of a JSONL file is a document ({"text": ...}), else "messages"."""
+    path, data = read_bytes(path)
+    first = next((line for line in data.split(b"\n") if line.strip()), b"")
+    rows = json_lines(path, first)
+    return "text" if rows and isinstance(rows[0][1], dict) and "text" in rows[0][1] and "messages" not in rows[0][1] \
+        else "messages"
+
+
+def read_documents(path):
+    """Plain-text documents from a JSONL file, one {"text": ...} per line: pretraining data (TinyWorld's)."""
+    path, data = read_bytes(path)
+    documents = []
+    for where, row in json_lines(path, data):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{where}: missing string field 'text'")
+        documents.append(row["text"])
+    if not documents:
+        raise ValueError(f"{path}: empty file, no documents")
+    return documents
+
+
 def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list")

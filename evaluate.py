@@ -28,8 +28,10 @@ instruction is to its finetuning instructions (section 5.2; similarity-<task>.pn
 import json
 import random
 import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,9 +42,13 @@ import chat
 from model import EOT, GPT, varying_lengths
 from rules import RuleState, parse_rules, product_of_experts
 from sample import respond
-from train import DEVICE_FLAGS, autocast, data_files, parse_flags, pick_device, pick_dtype, prepare_data, pyplot
+from train import (DEVICE_FLAGS, autocast, data_files, parse_flags, pick_device, pick_dtype, prepare_data, pyplot,
+                   use_threads)
 
 ROOT = Path(__file__).resolve().parent
+WORLD = ROOT / "data" / "tinyworld"
+sys.path.insert(0, str(WORLD))
+import world  # noqa: E402  TinyWorld's task families and their exact checkers
 
 # ----------------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
@@ -64,6 +70,13 @@ DEFAULTS = {
     "batch_size": (8, "prompts generated, or responses scored, together"),
     "negatives": (5, "ranking: other instructions' responses compared with each instruction's own"),
     "seed": (0, "seeds the ranking's draws; 0 is the official ratio_eval.py's random.seed(0): the same pairs"),
+    "tinyworld": (False, "TinyWorld's whole comparison over --seeds, judged exactly (data/tinyworld/README.md)"),
+    "seeds": ("1 2 3", "with --tinyworld: the pretraining seeds (bases shipped in data/tinyworld/bases/seedN)"),
+    "split": ("test", "with --tinyworld: test (the reported table) or dev (the set settings are chosen on)"),
+    "from_scratch": (False, "with --tinyworld: pretrain every seed's base (config/tinyworld_pretrain.toml) "
+                            "instead of starting from the shipped ones"),
+    "lr_sweep": ("", "with --tinyworld: response-tuning learning rates to try instead of the table, e.g. "
+                     "'3e-5 1e-4 3e-4 1e-3' (lr_sweep.png)"),
     **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
 NO_EOS_LIMIT = 512  # official README: the models without the EOS rule generate at most 512 new tokens
@@ -137,6 +150,7 @@ def score_batch(model, rules, batch, device, dtype, chunk=64):
         x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[b, :len(ids) - p] = torch.tensor(ids[p:])
     x, targets = x.to(device), targets.to(device)
+    rows = model.rows(targets)  # the targets' rows of lm_head (the ids themselves for GPT-2)
     first = torch.tensor([p - 1 for _, p in batch], device=device)  # the position that predicts each first target
     state = RuleState([ids[:p] for ids, p in batch], rules, device) if rules is not None else None
     picked = []  # (B, n) log-probs of the targets, `chunk` target positions at a time: logits are (B, chunk, V)
@@ -147,11 +161,13 @@ def score_batch(model, rules, batch, device, dtype, chunk=64):
             positions = (first[:, None] + span[None, :]).clamp(max=L - 1)  # (B, n); past a row's end: ignored
             logits = model.lm_head(h[torch.arange(B, device=device)[:, None], positions]).float()  # (B, n, V)
             if state is None:
-                picked.append(F.log_softmax(logits, dim=-1).gather(2, targets[:, span, None])[..., 0])
+                picked.append(F.log_softmax(logits, dim=-1).gather(2, rows[:, span, None])[..., 0])
                 continue
             for k, t in enumerate(span.tolist()):  # the rules' scores depend on the response so far: step by step
-                logprobs = product_of_experts(logits[:, k], state.scores())  # (B, V)
-                picked.append(logprobs.gather(1, targets[:, t:t + 1]))
+                # over a restricted vocabulary's own ids: the rule LM's normalizer there differs by a constant,
+                # which the product's renormalization removes
+                logprobs = product_of_experts(logits[:, k], model.own_vocab(state.scores()))  # (B, V)
+                picked.append(logprobs.gather(1, rows[:, t:t + 1]))
                 state.update(targets[:, t])
     picked = torch.cat(picked, dim=1).cpu()  # (B, T)
     return [picked[b, :len(ids) - p] for b, (ids, p) in enumerate(batch)]
@@ -375,13 +391,206 @@ def similarity(config, device, dtype):
     print(f"wrote {out_dir}/similarity.json and similarity-<task>.png", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- TinyWorld: the exact judge
+
+WORLD_LIMIT = 64  # new tokens per answer: every reference answer is far shorter
+WORLD_BATCH = 64  # prompts generated, or pairs scored, together: the model is tiny
+WORLD_RUNS = [("instruction-tuned", "tinyworld_instruction"), ("response-tuned", "tinyworld_responses"),
+              ("poetry-tuned", "tinyworld_poem")]  # (label, config/<name>.toml): the single task is the poem
+
+
+def judge(model, rules, rows, device, dtype):
+    """Greedy answers to every row's instruction in the chat format, judged exactly: an answer is correct when it
+    ends with <|endoftext|> (the model stopped) and its family's checker (data/tinyworld/world.py) accepts it."""
+    settings = {"max_new_tokens": WORLD_LIMIT, "greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+    judged = []
+    for i in range(0, len(rows), WORLD_BATCH):
+        batch = rows[i:i + WORLD_BATCH]
+        answers = respond(model, [chat.encode_prompt(r["instruction"]) for r in batch], settings, rules, device, dtype)
+        for row, tokens in zip(batch, answers):
+            text, stopped = chat.decode(tokens).strip(), tokens[-1:] == [EOT]
+            judged.append({"family": row["family"], "instruction": row["instruction"], "response": text,
+                           "stopped": stopped, "correct": stopped and world.check(row, text)})
+    return judged
+
+
+def world_ranking(model, rules, rows, config, device, dtype):
+    """The paper's response ranking (Table 2) in the world: under each instruction, its own reference answer
+    against one answer of every other family (that family's row at the same index, cycled); the % of
+    comparisons the own answer wins on mean log-probability per token."""
+    by_family = {f: [k for k, r in enumerate(rows) if r["family"] == f] for f in world.FAMILIES}
+    others = [(i, ks[i % len(ks)]) for i, r in enumerate(rows) for f, ks in by_family.items() if f != r["family"] and ks]
+    ranked = [{"instruction": r["instruction"], "reference": r["answer"]} for r in rows]
+    pairs = others + [(i, i) for i in range(len(rows))]
+    table = score_pairs(model, rules, ranked, pairs, {**config, "batch_size": WORLD_BATCH}, device, dtype)
+    mean = {pair: logprobs.mean().item() for pair, logprobs in table.items()}
+    return 100 * sum(mean[(i, i)] > mean[(i, j)] for i, j in others) / len(others)
+
+
+def world_metrics(judged, ranking):
+    """Correct % on the held-out and the finetuned families and on each family, stop %, ranking %."""
+    share = lambda rows, key: 100 * sum(r[key] for r in rows) / max(1, len(rows))  # noqa: E731
+    metrics = {"held-out": share([r for r in judged if r["family"] in world.HELD_OUT], "correct"),
+               "finetuned": share([r for r in judged if r["family"] in world.FINETUNED], "correct"),
+               "stop": share(judged, "stopped"), "ranking": ranking}
+    return {**metrics, **{f: share([r for r in judged if r["family"] == f], "correct") for f in world.FAMILIES}}
+
+
+def run_train(args, config):
+    """python train.py ARGS in a process of its own (a script does not import another); fails loudly."""
+    command = [sys.executable, str(ROOT / "train.py"), *args, f"--device={config['device']}", f"--threads={config['threads']}"]
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise OSError(f"training failed: {' '.join(command)}")
+
+
+def world_base(seed, config, out):
+    """The pretrained base of a seed: shipped in data/tinyworld/bases/seed<N>, or pretrained now (--from_scratch)."""
+    if config["from_scratch"]:
+        run_train([str(ROOT / "config" / "tinyworld_pretrain.toml"), f"--seed={seed}", f"--out_dir={out / 'base'}"], config)
+        return out / "base"
+    base = WORLD / "bases" / f"seed{seed}"
+    if not (base / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{base}: no shipped base for seed {seed}; add --from_scratch to pretrain it")
+    return base
+
+
+def world_seed(seed, rows, runs, with_rules, config, device, dtype):
+    """Every model of one pretraining seed, judged: {label: metrics}. runs: [(label, config name, lr or None)],
+    each finetuned now from the seed's base into out_dir/seed<N>/; each model's judged answers go there too."""
+    out = Path(config["out_dir"]) / f"seed{seed}"
+    base = world_base(seed, config, out)
+    models = [(label, spec) for label, spec, _ in rule_models(str(base), WORLD_LIMIT)] if with_rules else []
+    for label, run, lr in runs:
+        run_dir = out / file_name(label)
+        run_train([str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--seed={seed}", f"--out_dir={run_dir}",
+                   *([f"--learning_rate={lr}"] if lr else [])], config)
+        models.append((label, str(run_dir)))
+    results = {}
+    for label, spec in tqdm(models, desc=f"seed {seed}: judging", file=sys.stderr):
+        init_from, rules = parse_model(spec)
+        model = GPT.from_pretrained(init_from).to(device).eval()
+        judged = judge(model, rules, rows, device, dtype)
+        results[label] = world_metrics(judged, world_ranking(model, rules, rows, config, device, dtype))
+        chat.write_jsonl(out / f"{file_name(label)}.jsonl", judged)
+    return results
+
+
+def spread(values):
+    """'mean ± sd' of one metric over seeds (the sample standard deviation)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def world_markdown(by_seed):
+    """The table over seeds: each model's correct % on held-out and finetuned families, stop %, ranking %, the
+    paper's number beside it; then correct % per family (means)."""
+    labels = list(next(iter(by_seed.values())))
+    column = lambda label, key: [by_seed[s][label][key] for s in by_seed]  # noqa: E731
+    lines = [f"| model ({len(by_seed)} seeds, mean ± sd) | correct %, held-out families | correct %, finetuned families "
+             "| stop % | ranking % | paper: win % vs instruction-tuned |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label in labels:
+        paper = PAPER.get(label, (None, None))[0]
+        lines.append(f"| {label} | {spread(column(label, 'held-out'))} | {spread(column(label, 'finetuned'))} | "
+                     f"{spread(column(label, 'stop'))} | {spread(column(label, 'ranking'))} | "
+                     f"{'–' if paper is None else paper} |")
+    lines += ["", "| model | " + " | ".join(world.FAMILIES) + " |", "| --- |" + " ---: |" * len(world.FAMILIES)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(column(label, f)):.0f}" for f in world.FAMILIES) + " |")
+    return "\n".join(lines)
+
+
+def world_chart(by_seed, path):
+    """Correct % on held-out and finetuned families per model: bars are means, error bars sd, dots the seeds."""
+    plt = pyplot(path)
+    if plt is None:
+        return
+    labels = list(next(iter(by_seed.values())))
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 1.5))
+    for k, (key, color) in enumerate((("held-out", "tab:orange"), ("finetuned", "tab:blue"))):
+        values = [[by_seed[s][label][key] for s in by_seed] for label in labels]
+        y = [i + (k - 0.5) * 0.4 for i in range(len(labels))]
+        ax.barh(y, [statistics.mean(v) for v in values], height=0.4, color=color, label=f"{key} families",
+                xerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3)
+        for yi, v in zip(y, values):
+            ax.plot(v, [yi] * len(v), "k.", markersize=3)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()  # first model on top
+    ax.set(xlim=(0, 100), xlabel=f"correct % (exact judge): mean ± sd over {len(by_seed)} seeds, dots = seeds")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_chart(by_seed, lrs, path):
+    """Response tuning's correct % against its learning rate: where it works and where it collapses."""
+    plt = pyplot(path)
+    if plt is None:
+        return
+    labels = list(next(iter(by_seed.values())))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, color in (("held-out", "tab:orange"), ("finetuned", "tab:blue")):
+        values = [[by_seed[s][label][key] for s in by_seed] for label in labels]
+        ax.errorbar(lrs, [statistics.mean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
+                    marker="o", capsize=3, color=color, label=f"{key} families")
+    ax.set(xscale="log", ylim=(0, 100), xlabel="response-tuning learning rate (60 steps of 16)",
+           ylabel=f"correct %, mean ± sd over {len(by_seed)} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tinyworld(config, device, dtype):
+    """python evaluate.py --tinyworld: for each seed, the base, base + rules, the three leave-one-rule-out models
+    and the instruction-, response- and poem-tuned models (finetuned now), judged exactly on --split; the table
+    over seeds (mean ± sd) beside the paper's numbers, in out/tinyworld/results.{md,json,png}. With --lr_sweep,
+    response tuning at each learning rate instead (lr_sweep.{md,json,png})."""
+    try:
+        seeds = [int(s) for s in config["seeds"].split()]
+        lrs = [float(lr) for lr in config["lr_sweep"].split()]
+    except ValueError:
+        raise ValueError(f"--seeds={config['seeds']!r} / --lr_sweep={config['lr_sweep']!r}: expected numbers") from None
+    if config["split"] not in ("test", "dev") or not seeds:
+        raise ValueError(f"--split={config['split']}, --seeds={config['seeds']!r}: expected test or dev, and a seed")
+    path = WORLD / f"{config['split']}.jsonl"
+    prepare_data("tinyworld", path)
+    rows = [row for _, row in chat.json_lines(*chat.read_bytes(path))]
+    if config["out_dir"] == DEFAULTS["out_dir"][0]:
+        config = {**config, "out_dir": "out/tinyworld"}
+    out_dir, start = Path(config["out_dir"]), time.time()
+    if lrs:
+        runs, name = [(f"response-tuned, lr {lr:g}", "tinyworld_responses", lr) for lr in lrs], "lr_sweep"
+    else:
+        runs, name = [(label, run, None) for label, run in WORLD_RUNS], "results"
+    by_seed = {seed: world_seed(seed, rows, runs, not lrs, config, device, dtype) for seed in seeds}
+    minutes = (time.time() - start) / 60
+    table = world_markdown(by_seed)
+    print(table)
+    print(f"{len(seeds)} seeds ({config['seeds']}), {len(rows)} {config['split']} instructions, {minutes:.1f} minutes "
+          f"({'pretrained here' if config['from_scratch'] else 'shipped bases'})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chat.write_atomic(out_dir / f"{name}.md", table + "\n")
+    chat.write_atomic(out_dir / f"{name}.json", json.dumps(
+        {"split": config["split"], "seeds": seeds, "from_scratch": config["from_scratch"], "minutes": round(minutes, 2),
+         "device": device, "results": by_seed, "paper": PAPER}, indent=2))
+    if lrs:
+        sweep_chart(by_seed, lrs, out_dir / f"{name}.png")
+    else:
+        world_chart(by_seed, out_dir / f"{name}.png")
+    print(f"wrote {out_dir}/{name}.md, {name}.json, {name}.png; each model's answers in {out_dir}/seed<N>/", file=sys.stderr)
+
+
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
+    use_threads(config["threads"])
     device = pick_device(config["device"])
     dtype = pick_dtype(device, config["dtype"])
     out_dir = Path(config["out_dir"])
     if config["similarity"]:
         return similarity(config, device, dtype)
+    if config["tinyworld"]:
+        return tinyworld(config, device, dtype)
     rows = chat.read_instructions(config["eval_set"])
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked, ranked_file = ranking_set(config, rows)  # a missing file fails now, not after training

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 EOT = 50256  # <|endoftext|>: GPT-2's only special token; the paper's end of a response
+VOCAB = 50257  # GPT-2's BPE vocabulary, <|endoftext|> included: every id the rest of the code speaks
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
@@ -42,6 +43,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for finetuning, as in nanoGPT; HF's three pdrops collapse into this one
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    token_ids: tuple = None  # a restricted vocabulary (TinyWorld): the GPT-2 id of each row of wte; None = all
 
 
 class KVCache:
@@ -155,6 +157,18 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        # A restricted vocabulary: wte and lm_head have one row per GPT-2 id the model knows, so a tiny model
+        # (TinyWorld's 0.4M parameters) does not spend 90% of its compute on 50,257 logits. Everything outside
+        # the model still speaks GPT-2 ids: rows() translates them on the way in, full_vocab() on the way out.
+        if config.token_ids is None:
+            self.token_ids = self.row_of = None
+        else:
+            if len(config.token_ids) != config.vocab_size or len(set(config.token_ids)) != config.vocab_size:
+                raise ValueError(f"token_ids: {len(config.token_ids)} ids for vocab_size {config.vocab_size}, or repeated")
+            ids = torch.tensor(config.token_ids, dtype=torch.long)  # (V,)
+            row_of = torch.full((VOCAB,), -1, dtype=torch.long).index_copy_(0, ids, torch.arange(len(ids)))
+            self.register_buffer("token_ids", ids, persistent=False)  # row -> GPT-2 id
+            self.register_buffer("row_of", row_of, persistent=False)  # GPT-2 id -> row, -1 if unknown
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -171,14 +185,40 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head matrix counts once
 
+    def rows(self, ids):
+        """GPT-2 ids -> the rows of wte and lm_head that stand for them: the ids themselves for GPT-2; with a
+        restricted vocabulary its row, or -1 for an id it does not know (and for -1, "no target")."""
+        if self.row_of is None:
+            return ids
+        return torch.where(ids >= 0, self.row_of[ids.clamp(min=0)], -1)
+
+    def own_vocab(self, scores):
+        """(..., 50257) scores over GPT-2's ids -> (..., vocab_size) over this model's rows."""
+        return scores if self.token_ids is None else scores[..., self.token_ids]
+
+    def full_vocab(self, logprobs):
+        """(..., vocab_size) over this model's rows -> (..., 50257) over GPT-2's ids, -inf (probability 0) for
+        the ids a restricted vocabulary lacks."""
+        if self.token_ids is None:
+            return logprobs
+        full = logprobs.new_full((*logprobs.shape[:-1], VOCAB), float("-inf"))
+        return full.index_copy_(-1, self.token_ids, logprobs)
+
+    def unknown(self, ids):
+        """The GPT-2 ids in the list `ids` that this model has no row for (none for GPT-2), sorted."""
+        if self.row_of is None or not ids:
+            return []
+        ids = torch.tensor(ids, dtype=torch.long, device=self.row_of.device)
+        return sorted(set(ids[self.rows(ids) < 0].tolist()))
+
     def hidden(self, idx, pos=None, cache=None, mask=None):
-        # idx (B, T) token ids; pos (B, T) their positions (default 0..T-1 after the cache); -> (B, T, C)
+        # idx (B, T) GPT-2 token ids; pos (B, T) their positions (default 0..T-1 after the cache); -> (B, T, C)
         T = idx.size(1)
         if pos is None:
             start = cache.length if cache is not None else 0
             assert start + T <= self.config.block_size, f"{start + T} tokens exceed block_size {self.config.block_size}"
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.transformer.wte(self.rows(idx)) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, cache, mask)
         if cache is not None:
@@ -186,11 +226,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        # idx, targets (B, T); targets == -1 are ignored (masked prompt tokens and padding)
-        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size)
+        # idx, targets (B, T) GPT-2 ids; targets == -1 are ignored (masked prompt tokens and padding)
+        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size): over the model's rows
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), self.rows(targets).view(-1), ignore_index=-1)
         return logits, loss
 
     # ---------------------------------------------------------------------------------------- generation
@@ -219,6 +259,9 @@ class GPT(nn.Module):
             raise ValueError("every prompt needs at least one token")
         if P > self.config.block_size:
             raise ValueError(f"prompt of {P} tokens is longer than the context ({self.config.block_size})")
+        unknown = self.unknown([t for p in prompts for t in p])
+        if unknown:
+            raise ValueError(f"the prompt has tokens this model's vocabulary lacks: {unknown[:10]}")
         max_new_tokens = min(max_new_tokens, self.config.block_size - P)  # learned positions end there
         idx = torch.full((B, P), EOT, dtype=torch.long, device=device)  # padding: any id, masked out
         for b, p in enumerate(prompts):
@@ -253,7 +296,7 @@ class GPT(nn.Module):
             h = next_hidden(generated)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            logprobs = F.log_softmax(self.lm_head(h).float(), dim=-1)  # (B, vocab_size)
+            logprobs = self.full_vocab(F.log_softmax(self.lm_head(h).float(), dim=-1))  # (B, 50257)
             if hook is not None:
                 logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
             nxt = sample(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
@@ -310,11 +353,15 @@ class GPT(nn.Module):
               "n_ctx": c.block_size, "vocab_size": c.vocab_size, "layer_norm_epsilon": 1e-5, "n_inner": None,
               "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True,
               "attn_pdrop": c.dropout, "embd_pdrop": c.dropout, "resid_pdrop": c.dropout}
+        metadata = {"format": "pt", "n_head": str(c.n_head)}
+        if c.token_ids is not None:  # transformers keeps the extra field; its logits are over these rows
+            hf["token_ids"] = list(c.token_ids)
+            metadata["token_ids"] = json.dumps(list(c.token_ids))
         tmp = directory / "config.json.tmp"
         tmp.write_text(json.dumps(hf, indent=2))
         os.replace(tmp, directory / "config.json")
         tensors = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-        save_safetensors(tensors, directory / "model.safetensors", {"format": "pt", "n_head": str(c.n_head)})
+        save_safetensors(tensors, directory / "model.safetensors", metadata)
 
 
 def sample(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -437,7 +484,17 @@ def config_from_hf_json(path):
         if value != expected and not (key == "n_inner" and value == 4 * hf["n_embd"]):
             raise ValueError(f"{path}: field '{key}' is {value!r}; this GPT-2 implements only {expected!r}")
     return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"])
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], token_ids=check_token_ids(path, hf.get("token_ids")))
+
+
+def check_token_ids(where, ids):
+    """A restricted vocabulary's GPT-2 ids (a JSON list) as a tuple; None stays None (all of GPT-2's)."""
+    if ids is None:
+        return None
+    if not (isinstance(ids, list) and ids and all(type(i) is int and 0 <= i < VOCAB for i in ids)
+            and len(set(ids)) == len(ids)):
+        raise ValueError(f"{where}: token_ids must be a list of distinct GPT-2 ids (0 to {VOCAB - 1})")
+    return tuple(ids)
 
 
 def config_from_shapes(path, tensors, metadata):
@@ -450,8 +507,12 @@ def config_from_shapes(path, tensors, metadata):
     vocab_size, n_embd = tensors[key["wte.weight"]].shape
     n_layer = len({k.split(".")[1] for k in key if k.startswith("h.")})
     n_head = int(metadata.get("n_head", max(1, n_embd // 64)))
-    return GPTConfig(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size,
-                     n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    try:
+        token_ids = json.loads(metadata["token_ids"]) if "token_ids" in metadata else None
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: metadata token_ids is not JSON") from None
+    return GPTConfig(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size, n_layer=n_layer,
+                     n_head=n_head, n_embd=n_embd, token_ids=check_token_ids(path, token_ids))
 
 
 def load_hf_state_dict(model, tensors, path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import chat
 from model import GPT
 from rules import RuleState, parse_rules
-from train import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype
+from train import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, use_threads
 
 # ----------------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
@@ -120,6 +120,7 @@ def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
     rules = parse_rules(config["rules"], eos_hold=config["eos_hold"], response_only=config["response_only"],
                         what_bias=config["what_bias"])
+    use_threads(config["threads"])
     device = pick_device(config["device"])
     dtype = pick_dtype(device, config["dtype"])
     if not (config["prompt"] or config["instructions"] or (sys.stdin.isatty() and sys.stdout.isatty())):

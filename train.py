@@ -42,11 +42,14 @@ ROOT = Path(__file__).resolve().parent
 DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and evaluate.py all take these
     "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
     "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
+    "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for tiny models on a busy "
+                   "machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s with 2 while the other core is busy)"),
 }
 DEFAULTS = {
     "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory or .safetensors file, 'scratch', or 'resume'"),
-    "data": ("dolly_responses", "a messages JSONL file, or a prepared name: lima, lima_responses, dolly, "
-                                "dolly_responses, gsm8k, mbpp, poetry, recipes, chess, sample"),
+    "data": ("dolly_responses", "a JSONL file of conversations ({'messages'}) or of documents to pretrain on "
+                                "({'text'}), or a prepared name: lima, lima_responses, dolly, dolly_responses, "
+                                "gsm8k, mbpp, poetry, recipes, chess, sample, tinyworld_pretrain, tinyworld, ..."),
     "val_data": ("", "messages JSONL for the eval loss (default: the prepared data's val split)"),
     "out_dir": ("", "where checkpoints and logs go (default: out/<data name>)"),
     "epochs": (1.0, "passes over the data (1 epoch of Dolly = the step count of 15 LIMA epochs)"),
@@ -69,6 +72,8 @@ DEFAULTS = {
     "n_layer": (12, "with init_from=scratch: layers"),
     "n_head": (12, "with init_from=scratch: heads"),
     "n_embd": (768, "with init_from=scratch: width"),
+    "vocab": ("", "with init_from=scratch: a JSON list of the GPT-2 ids the model knows (TinyWorld's "
+                  "data/tinyworld/vocab.json); empty = all 50,257"),
 }
 EXAMPLES = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
             "Write a short poem about the ocean.",
@@ -125,6 +130,14 @@ def convert(where, value, kind):
 
 # ------------------------------------------------------------------------ device, precision and plots
 
+def use_threads(n):
+    """--threads: how many CPU threads PyTorch's operations use (0: leave PyTorch's default)."""
+    if n < 0:
+        raise ValueError(f"--threads={n}: expected 0 (the default) or more")
+    if n:
+        torch.set_num_threads(n)
+
+
 def pick_device(name="auto"):
     """'auto' picks cuda, then mps, then cpu."""
     if name != "auto":
@@ -171,10 +184,10 @@ def pyplot(what):
 
 def data_files(name):
     """(train, val) paths for --data: a JSONL path (no val split), or a prepared name, prepared on first use
-    by running data/<name>/prepare.py (which may download). X_responses lives beside X."""
+    by running data/<name>/prepare.py (which may download). X_responses (and X_anything) lives beside X."""
     if name.endswith(".jsonl"):
         return Path(name), None
-    base = name.removesuffix("_responses")
+    base = name.split("_")[0]
     train, val = ROOT / "data" / base / f"{name}_train.jsonl", ROOT / "data" / base / f"{name}_val.jsonl"
     prepare_data(base, train)
     if not train.is_file():
@@ -191,6 +204,28 @@ def prepare_data(name, path):
         print(f"{path.relative_to(ROOT)} is missing: running {prepare.relative_to(ROOT)}", file=sys.stderr)
         if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
             raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
+
+
+def read_examples(path, block_size):
+    """(examples, truncated) from a JSONL file: conversations (loss on the responses) or documents (pretraining:
+    loss on every token)."""
+    if chat.jsonl_kind(path) == "text":
+        return pack(chat.read_documents(path), block_size), 0
+    return tokenize(chat.read_conversations(path), block_size)
+
+
+def pack(documents, block_size):
+    """Pretraining examples: the documents' tokens, each document followed by <|endoftext|>, as one stream cut
+    into windows of block_size tokens (nanoGPT's packing; a window may span documents, so the model learns
+    that a new text starts after <|endoftext|>). Every position is trained; the last partial window is dropped."""
+    stream = []
+    for text in tqdm(documents, desc="tokenizing", unit="doc", leave=False, file=sys.stderr):
+        stream += chat.encode(text) + [chat.EOT]
+    n = (len(stream) - 1) // block_size
+    if n == 0:
+        raise ValueError(f"{len(stream)} tokens of documents: fewer than one window of block_size={block_size}")
+    return [(stream[k * block_size:(k + 1) * block_size], stream[k * block_size + 1:(k + 1) * block_size + 1])
+            for k in range(n)]
 
 
 def tokenize(conversations, block_size):
@@ -255,6 +290,21 @@ def weighted_loss(logits, y, weights):
     return (token_loss * weights.flatten()).sum()
 
 
+def vocabulary(path):
+    """GPTConfig fields for --vocab: {} for GPT-2's whole vocabulary, else a restricted one read from a JSON list."""
+    if not path:
+        return {}
+    path, data = chat.read_bytes(path)
+    try:
+        ids = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--vocab={path}: not valid JSON ({e})") from None
+    if not (isinstance(ids, list) and ids and all(type(i) is int and 0 <= i <= chat.EOT for i in ids)):
+        raise ValueError(f"--vocab={path}: expected a JSON list of GPT-2 token ids (0 to {chat.EOT})")
+    ids = sorted(set(ids))
+    return {"token_ids": tuple(ids), "vocab_size": len(ids)}
+
+
 def get_lr(step, max_iters, config):
     """Linear warmup to learning_rate, then linear decay to 0 at max_iters (open-instruct's schedule)."""
     warmup = math.ceil(config["warmup_ratio"] * max_iters)
@@ -274,6 +324,7 @@ def evaluate(model, examples, config, device, dtype):
     total = 0.0
     for i in range(0, len(examples), config["batch_size"]):
         x, y = collate(examples[i:i + config["batch_size"]], device, config["block_size"])
+        y = model.rows(y)
         with autocast(device, dtype):
             logits, _ = model(x)
         total += weighted_loss(logits, y, loss_weights(y, config["loss"], len(examples), n_tokens)).item()
@@ -282,12 +333,13 @@ def evaluate(model, examples, config, device, dtype):
 
 
 def show_examples(model, title, n, device, dtype):
-    if n <= 0:
+    prompts = [chat.encode_prompt(q) for q in EXAMPLES[:n]]
+    if n <= 0 or model.unknown([t for p in prompts for t in p]):  # a restricted vocabulary cannot read them
         return
     print(f"\n=== {title} ===")
     model.eval()
     with autocast(device, dtype):
-        outs = model.generate([chat.encode_prompt(q) for q in EXAMPLES[:n]], 128, greedy=True)
+        outs = model.generate(prompts, 128, greedy=True)
     model.train()
     for q, out in zip(EXAMPLES[:n], outs):
         print(f"<|user|> {q}\n<|assistant|> {chat.decode(out).strip()}{'' if out[-1:] == [chat.EOT] else ' [...]'}\n")
@@ -335,6 +387,7 @@ def main(argv):
         raise ValueError(f"--loss={config['loss']}: expected example or token")
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_threads(config["threads"])
     device = pick_device(config["device"])
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -364,9 +417,9 @@ def main(argv):
     # data: conversations -> chat format -> tokens + loss mask
     train_path, val_path = data_files(config["data"])
     val_path = Path(config["val_data"]) if config["val_data"] else val_path
-    train, truncated = tokenize(chat.read_conversations(train_path), config["block_size"])
-    val = tokenize(chat.read_conversations(val_path), config["block_size"])[0] if val_path else []
-    say(f"data: {len(train)} training conversations from {train_path} ({truncated} truncated to "
+    train, truncated = read_examples(train_path, config["block_size"])
+    val = read_examples(val_path, config["block_size"])[0] if val_path else []
+    say(f"data: {len(train)} training examples from {train_path} ({truncated} truncated to "
         f"{config['block_size']} tokens), {len(val)} for validation" + ("" if val else " (no val split: no eval loss)"))
     per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * len(train) / per_step)
@@ -374,7 +427,8 @@ def main(argv):
     # model
     if resume or config["init_from"] == "scratch":
         shape = ckpt["model_config"] if resume else dict(n_layer=config["n_layer"], n_head=config["n_head"],
-                                                          n_embd=config["n_embd"], block_size=config["block_size"])
+                                                          n_embd=config["n_embd"], block_size=config["block_size"],
+                                                          **vocabulary(config["vocab"]))
         model = GPT(GPTConfig(**{**shape, "dropout": config["dropout"]}))
         if resume:
             model.load_state_dict(ckpt["model"])
@@ -382,6 +436,11 @@ def main(argv):
         model = GPT.from_pretrained(config["init_from"], dropout=config["dropout"])
     if config["block_size"] > model.config.block_size:
         raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
+    for path, examples in ((train_path, train), (val_path, val)):  # a restricted vocabulary must cover the data
+        unknown = model.unknown(sorted({t for ids, _ in examples for t in ids}))
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} token ids outside the model's vocabulary, e.g. "
+                             f"{unknown[:5]} ({chat.decode(unknown[:5])!r})")
     model.to(device)
     say(f"model: {config['init_from']}, {model.num_params() / 1e6:.1f}M parameters, on {device} in {dtype}, "
         f"{world} process{'es' if world > 1 else ''}; {max_iters} step{'s' if max_iters != 1 else ''} of {per_step} sequences")
@@ -443,6 +502,7 @@ def main(argv):
             sync = not ddp or m == len(batches) - 1  # DDP averages gradients only on the last micro-batch
             with autocast(device, dtype), (nullcontext() if sync else model.no_sync()):
                 logits, _ = model(x)
+                y = raw_model.rows(y)  # the targets' rows of lm_head (the ids themselves for GPT-2)
                 loss = weighted_loss(logits, y, loss_weights(y, config["loss"], per_step, n_tokens))
             step_loss += loss.detach()
             scaler.scale(loss * world).backward()  # * world: DDP divides the summed gradients by world

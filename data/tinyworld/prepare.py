@@ -1,0 +1,143 @@
+"""
+TinyWorld's data (world.py): the internet a tiny GPT is pretrained on, the test and dev sets the exact judge
+scores, and the finetuning sets of each method (instruction, response and single-task tuning). No download.
+
+    python data/tinyworld/prepare.py      # writes into data/tinyworld/ in under a minute:
+
+    tinyworld_pretrain_{train,val}.jsonl          25,000 + 500 documents, one {"text": ...} per line
+    test.jsonl, dev.jsonl                         instances {"family", "instruction", "answer", "params"}
+    tinyworld_{train,val}.jsonl                   instruction tuning: 60 per finetuned family (+ 50 val)
+    tinyworld_responses_{train,val}.jsonl         response tuning: the same with empty instructions
+    tinyworld_poem_{train,val}.jsonl              single-task tuning: 300 poems (+ 50 val)
+    vocab.json                                    every GPT-2 id in these files and the rule LM's ids
+
+The test set is drawn first; no test instruction is in dev or any finetuning set, and no dev instruction is in
+a finetuning set. Where a family's non-test space is small (category: 12 instructions; poem: 60), dev takes
+half of it and finetuning the other half, repeating conversations where it has fewer than it needs. The
+held-out families (count, attribute, recipe) are never finetuned, so their dev sets may take all of it.
+"""
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: chat.py, rules.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # world.py
+import world
+
+import chat
+import rules
+
+SEED = 0  # pretraining documents (train); every other set has its own seed below
+VAL_SEED = 1  # pretraining documents (validation)
+TEST_SEED, DEV_SEED, TUNE_SEED, TUNE_VAL_SEED = 2, 3, 4, 5  # test, dev, finetuning sets and their validation
+N_DOCUMENTS, N_VAL_DOCUMENTS = 25_000, 500  # about 2M GPT-2 tokens, 80 a document
+N_TEST = N_DEV = 40  # instances per family (fewer where the family's space is smaller)
+N_TUNE = 60  # instruction tuning conversations per finetuned family: 5 x 60 = 300
+N_TUNE_VAL = 50  # validation conversations of instruction and response tuning
+N_POEM, N_POEM_VAL = 300, 50  # single-task tuning: poems only
+DRAWS = 3000  # instances drawn per family and set to find distinct ones: finds all 12 of category's, say
+
+
+def distinct(family, split, n, seed, exclude=(), key=lambda row: row["instruction"], seen=()):
+    """Up to n instances of `family` with distinct keys, none whose instruction is in `exclude` or key in `seen`."""
+    rng, rows = random.Random(f"{seed}-{family}"), {}
+    for _ in range(DRAWS):
+        row = world.make_instance(family, rng, split)
+        if row["instruction"] not in exclude and key(row) not in rows and key(row) not in seen:
+            rows[key(row)] = row
+            if len(rows) == n:
+                break
+    return list(rows.values())
+
+
+def conversation_key(row):
+    return row["instruction"], row["answer"]
+
+
+def tuning_rows(family, n, seed, exclude):
+    """n finetuning instances, distinct conversations while there are enough, then repeated in turn."""
+    rows = distinct(family, "train", n, seed, exclude, conversation_key)
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def validation_rows(families, n, seed, exclude, train):
+    """n instances of `families` in turn, none in `exclude` (by instruction) or `train` (by conversation):
+    a family with none left (category, whose few conversations all train) leaves its turn to the others."""
+    seen = {conversation_key(row) for row in train}
+    pools = [distinct(f, "train", n, seed, exclude, conversation_key, seen) for f in families]
+    rows = []
+    while len(rows) < n and any(pools):
+        rows += [pool.pop(0) for pool in pools if pool][:n - len(rows)]
+    return rows
+
+
+def evaluation_sets():
+    """test first, then dev: {family: [instance, ...]} each."""
+    test = {f: distinct(f, "test", N_TEST, TEST_SEED) for f in world.FAMILIES}
+    taken = {row["instruction"] for rows in test.values() for row in rows}
+    dev = {}
+    for f in world.FAMILIES:
+        pool = distinct(f, "train", 2 * N_DEV, DEV_SEED, taken)
+        dev[f] = pool[:N_DEV] if f in world.HELD_OUT else pool[:min(N_DEV, len(pool) // 2)]
+    return test, dev
+
+
+def token_ids(out_dir, documents, test, dev):
+    """Every GPT-2 id the written files hold (read back as the trainer reads them), plus the rule LM's ids;
+    and how many tokens the documents are."""
+    ids, n_tokens = {chat.EOT, rules.EOT, *rules.USER_TAG, *(row[3] for row in rules.UNIFORM)}, 0
+    for text in tqdm(documents, desc="tokenizing documents", leave=False):
+        tokens = chat.encode(text)
+        ids.update(tokens)
+        n_tokens += len(tokens)
+    for path in sorted(Path(out_dir).glob("tinyworld_*.jsonl")):
+        if "_pretrain_" not in path.name:
+            for messages in chat.read_conversations(path):
+                ids.update(chat.encode_chat(messages)[0])
+    for row in test + dev:  # the evaluator's prompts, with and without the instruction, and the answers
+        for messages in (world.conversation(row), world.conversation(row, responses_only=True)):
+            ids.update(chat.encode_chat(messages)[0])
+        ids.update(chat.encode_prompt(row["instruction"]) + chat.encode(row["answer"]))
+    return sorted(ids), n_tokens
+
+
+def main(out_dir, n_documents=N_DOCUMENTS, n_val_documents=N_VAL_DOCUMENTS):
+    t0, out_dir = time.time(), Path(out_dir)
+    test, dev = evaluation_sets()
+    test_rows = [row for f in world.FAMILIES for row in test[f]]
+    dev_rows = [row for f in world.FAMILIES for row in dev[f]]
+    chat.write_jsonl(out_dir / "test.jsonl", test_rows)
+    chat.write_jsonl(out_dir / "dev.jsonl", dev_rows)
+    exclude = {row["instruction"] for row in test_rows + dev_rows}
+
+    tune = [row for f in world.FINETUNED for row in tuning_rows(f, N_TUNE, TUNE_SEED, exclude)]
+    random.Random(TUNE_SEED).shuffle(tune)  # families interleaved, as a mixed instruction set would be
+    tune_val = validation_rows(world.FINETUNED, N_TUNE_VAL, TUNE_VAL_SEED, exclude, tune)
+    chat.write_sets(out_dir, "tinyworld", [world.conversation(r) for r in tune],
+                    [world.conversation(r) for r in tune_val], responses_only=True)
+    poems = tuning_rows("poem", N_POEM, TUNE_SEED, exclude)
+    poem_val = validation_rows(("poem",), N_POEM_VAL, TUNE_VAL_SEED, exclude, poems)
+    chat.write_sets(out_dir, "tinyworld_poem", [world.conversation(r) for r in poems],
+                    [world.conversation(r) for r in poem_val])
+
+    documents = world.pretraining_documents(n_documents, SEED)
+    val_documents = world.pretraining_documents(n_val_documents, VAL_SEED)
+    chat.write_jsonl(out_dir / "tinyworld_pretrain_train.jsonl", [{"text": d} for d in documents])
+    chat.write_jsonl(out_dir / "tinyworld_pretrain_val.jsonl", [{"text": d} for d in val_documents])
+    ids, n_tokens = token_ids(out_dir, documents + val_documents, test_rows, dev_rows)
+    chat.write_atomic(out_dir / "vocab.json", json.dumps(ids) + "\n")
+
+    per_family = lambda sets: ", ".join(f"{f} {len(sets[f])}" for f in world.FAMILIES)
+    print(f"TinyWorld in {out_dir}: {len(documents):,} + {len(val_documents):,} validation pretraining "
+          f"documents ({n_tokens:,} GPT-2 tokens in all); test {len(test_rows)} ({per_family(test)}); dev {len(dev_rows)} "
+          f"({per_family(dev)}); instruction and response tuning {len(tune)} + {len(tune_val)} val "
+          f"({len({conversation_key(r) for r in tune})} distinct); single-task poem {len(poems)} + {len(poem_val)} val; "
+          f"vocab.json: {len(ids)} distinct GPT-2 ids; {time.time() - t0:.0f} s.")
+
+
+if __name__ == "__main__":
+    chat.prepare_command(main, __doc__, Path(__file__).parent)
