@@ -5,6 +5,7 @@ Measure instruction following offline, without an API judge, and write files for
     python evaluate.py --compare                                           # the paper's whole comparison
     python evaluate.py --compare --base=gpt2-medium --eval_set=data/alpaca_eval/alpaca_eval.jsonl
     python evaluate.py --similarity                # after --compare: the single-task models' response similarity
+    python evaluate.py --tinyworld                 # TinyWorld: every method, 3 seeds, judged exactly, on a CPU
 
 A model is a GPT-2 name, an HF directory or .safetensors file, or a train.py out_dir, optionally followed by
 `+rules` (all three rules) or `+rules=eos,uniform` (a subset). For each model this prints and writes:
@@ -24,6 +25,12 @@ results.md, results.json, results.png, and <model>.json in AlpacaEval's format (
 out/eval/response-tuned.json --reference_outputs out/eval/instruction-tuned.json`). --similarity then draws,
 for each single-task model, how close its responses are to its finetuning responses against how close the
 instruction is to its finetuning instructions (section 5.2; similarity-<task>.png, similarity.json).
+
+--tinyworld runs the same comparison in a synthetic world (data/tinyworld/README.md) where every answer can be
+checked exactly: for each of --seeds, the shipped pretrained base (or one pretrained now, --from_scratch), its
+rule models, and the instruction-, response- and poem-tuned models (finetuned now by train.py), each judged on
+the world's test (or dev) set: correct % on the held-out and finetuned families, stop %, ranking %; mean ± sd
+over seeds in out/tinyworld/results.{md,json,png}, every model's answers in out/tinyworld/seed<N>/.
 """
 import json
 import random
@@ -401,7 +408,8 @@ WORLD_RUNS = [("instruction-tuned", "tinyworld_instruction"), ("response-tuned",
 
 def judge(model, rules, rows, device, dtype):
     """Greedy answers to every row's instruction in the chat format, judged exactly: an answer is correct when it
-    ends with <|endoftext|> (the model stopped) and its family's checker (data/tinyworld/world.py) accepts it."""
+    ends with <|endoftext|> (the model stopped) and its family's checker (data/tinyworld/world.py) accepts it.
+    `answered`: the checker accepts the text before any new <|user|> turn, stopped or not (what the model knew)."""
     settings = {"max_new_tokens": WORLD_LIMIT, "greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
     judged = []
     for i in range(0, len(rows), WORLD_BATCH):
@@ -410,7 +418,8 @@ def judge(model, rules, rows, device, dtype):
         for row, tokens in zip(batch, answers):
             text, stopped = chat.decode(tokens).strip(), tokens[-1:] == [EOT]
             judged.append({"family": row["family"], "instruction": row["instruction"], "response": text,
-                           "stopped": stopped, "correct": stopped and world.check(row, text)})
+                           "stopped": stopped, "correct": stopped and world.check(row, text),
+                           "answered": world.check(row, text.split("<|user|>")[0])})
     return judged
 
 
@@ -428,9 +437,11 @@ def world_ranking(model, rules, rows, config, device, dtype):
 
 
 def world_metrics(judged, ranking):
-    """Correct % on the held-out and the finetuned families and on each family, stop %, ranking %."""
+    """Correct % on the held-out and the finetuned families and on each family, answered % (held-out), stop %,
+    ranking %."""
     share = lambda rows, key: 100 * sum(r[key] for r in rows) / max(1, len(rows))  # noqa: E731
-    metrics = {"held-out": share([r for r in judged if r["family"] in world.HELD_OUT], "correct"),
+    held_out = [r for r in judged if r["family"] in world.HELD_OUT]
+    metrics = {"held-out": share(held_out, "correct"), "answered": share(held_out, "answered"),
                "finetuned": share([r for r in judged if r["family"] in world.FINETUNED], "correct"),
                "stop": share(judged, "stopped"), "ranking": ranking}
     return {**metrics, **{f: share([r for r in judged if r["family"] == f], "correct") for f in world.FAMILIES}}
@@ -487,12 +498,13 @@ def world_markdown(by_seed):
     labels = list(next(iter(by_seed.values())))
     column = lambda label, key: [by_seed[s][label][key] for s in by_seed]  # noqa: E731
     lines = [f"| model ({len(by_seed)} seeds, mean ± sd) | correct %, held-out families | correct %, finetuned families "
-             "| stop % | ranking % | paper: win % vs instruction-tuned |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| answered %, held-out, stopped or not | stop % | ranking % | paper: win % vs instruction-tuned |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
         paper = PAPER.get(label, (None, None))[0]
         lines.append(f"| {label} | {spread(column(label, 'held-out'))} | {spread(column(label, 'finetuned'))} | "
-                     f"{spread(column(label, 'stop'))} | {spread(column(label, 'ranking'))} | "
-                     f"{'–' if paper is None else paper} |")
+                     f"{spread(column(label, 'answered'))} | {spread(column(label, 'stop'))} | "
+                     f"{spread(column(label, 'ranking'))} | {'–' if paper is None else paper} |")
     lines += ["", "| model | " + " | ".join(world.FAMILIES) + " |", "| --- |" + " ---: |" * len(world.FAMILIES)]
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(column(label, f)):.0f}" for f in world.FAMILIES) + " |")
@@ -560,7 +572,7 @@ def tinyworld(config, device, dtype):
         config = {**config, "out_dir": "out/tinyworld"}
     out_dir, start = Path(config["out_dir"]), time.time()
     if lrs:
-        runs, name = [(f"response-tuned, lr {lr:g}", "tinyworld_responses", lr) for lr in lrs], "lr_sweep"
+        runs, name = [(f"response-tuned at lr {lr:.0e}", "tinyworld_responses", lr) for lr in lrs], "lr_sweep"
     else:
         runs, name = [(label, run, None) for label, run in WORLD_RUNS], "results"
     by_seed = {seed: world_seed(seed, rows, runs, not lrs, config, device, dtype) for seed in seeds}

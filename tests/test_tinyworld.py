@@ -155,10 +155,16 @@ def test_the_judge_on_hand_made_answers():
     held = [k for k, r in enumerate(rows) if r["family"] in world.HELD_OUT]
     assert metrics["held-out"] == pytest.approx(100 * sum(k % 4 in (0, 1) for k in held) / len(held))
     assert metrics["stop"] == 100 * 6 / 8 and metrics[rows[0]["family"]] == 100.0
+    # an answer that opens a new turn is not correct, but it was answered: the text before the turn passes
+    answers = {rows[0]["instruction"]: chat.encode(rows[0]["answer"] + "\n<|user|>\nmore"),
+               rows[1]["instruction"]: chat.encode(rows[1]["answer"] + "\nThe weather was mild.") + [EOT]}
+    judged = evaluate.judge(Scripted(answers), None, rows[:2], "cpu", "float32")
+    assert [(j["correct"], j["answered"]) for j in judged] == [(False, True), (False, False)]
 
 
 def test_the_table_reports_mean_and_sample_sd_over_seeds():
-    by_seed = {s: {"base": {"held-out": v, "finetuned": 0.0, "stop": 0.0, "ranking": 0.0, **dict.fromkeys(world.FAMILIES, v)}}
+    by_seed = {s: {"base": {"held-out": v, "finetuned": 0.0, "answered": 0.0, "stop": 0.0, "ranking": 0.0,
+                            **dict.fromkeys(world.FAMILIES, v)}}
                for s, v in ((1, 10.0), (2, 20.0), (3, 60.0))}
     table = evaluate.world_markdown(by_seed)
     assert "| base | 30.0 ± 26.5 | 0.0 ± 0.0 |" in table and "| 2.4 |" in table  # the paper's base win rate beside
