@@ -553,18 +553,24 @@ def sweep_chart(by_seed, lrs, path):
     plt.close(fig)
 
 
+def numbers(config, flag, kind):
+    """A flag holding numbers separated by spaces, e.g. --seeds='1 2 3', as a list."""
+    try:
+        return [kind(x) for x in config[flag].split()]
+    except ValueError:
+        raise ValueError(f"--{flag}={config[flag]!r}: expected {kind.__name__}s separated by spaces") from None
+
+
 def tinyworld(config, device, dtype):
     """python evaluate.py --tinyworld: for each seed, the base, base + rules, the three leave-one-rule-out models
     and the instruction-, response- and poem-tuned models (finetuned now), judged exactly on --split; the table
     over seeds (mean ± sd) beside the paper's numbers, in out/tinyworld/results.{md,json,png}. With --lr_sweep,
     response tuning at each learning rate instead (lr_sweep.{md,json,png})."""
-    try:
-        seeds = [int(s) for s in config["seeds"].split()]
-        lrs = [float(lr) for lr in config["lr_sweep"].split()]
-    except ValueError:
-        raise ValueError(f"--seeds={config['seeds']!r} / --lr_sweep={config['lr_sweep']!r}: expected numbers") from None
-    if config["split"] not in ("test", "dev") or not seeds:
-        raise ValueError(f"--split={config['split']}, --seeds={config['seeds']!r}: expected test or dev, and a seed")
+    seeds, lrs = numbers(config, "seeds", int), numbers(config, "lr_sweep", float)
+    if config["split"] not in ("test", "dev"):
+        raise ValueError(f"--split={config['split']}: expected test or dev")
+    if not seeds:
+        raise ValueError("--seeds: expected at least one seed, e.g. --seeds='1 2 3'")
     path = WORLD / f"{config['split']}.jsonl"
     prepare_data("tinyworld", path)
     rows = [row for _, row in chat.json_lines(*chat.read_bytes(path))]

@@ -182,3 +182,10 @@ def test_a_shipped_base_loads_and_knows_its_world(base):
     answers = model.generate(prompts, 3, greedy=True)
     right = sum(world.words(chat.decode(a))[:1] == [colour] for a, (_, colour) in zip(answers, world.CREATURES))
     assert right >= len(world.CREATURES) // 2, right
+
+
+def test_bad_tinyworld_flags_are_one_line_errors():
+    for args, message in [(("--seeds=x",), "--seeds='x': expected ints"), (("--split=train",), "--split=train: expected test or dev"),
+                          (("--seeds=99",), "seed99: no shipped base for seed 99; add --from_scratch")]:
+        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--tinyworld", *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
