@@ -7,17 +7,28 @@ Downloads from the Hugging Face hub: GPT-2 weights for model.py and datasets for
 Files are cached under $XDG_CACHE_HOME/ifwit/hub (default ~/.cache/ifwit/hub), one path per repo and file;
 a cached file is used with no request at all. URLs are {HF_ENDPOINT}/{repo}/resolve/main/{file} (datasets:
 {HF_ENDPOINT}/datasets/{repo}/...), HF_ENDPOINT defaulting to https://huggingface.co, and HF_TOKEN is sent as
-a bearer token when set (gated sets such as LIMA need it). A download streams into `<file>.part`, resumes it
-with an HTTP Range request after an interruption, checks its size and, for LFS files, the sha256 the hub
-advertises, and only then renames it into place: the cache never holds a half-written file. File names are
-URL-encoded (some datasets have spaces in theirs). `list_files` asks the hub's tree API which files a folder
-holds; `stream_lines` reads the start of a file too large to download whole, line by line, caching nothing.
+a bearer token when set (gated sets such as LIMA need it). File names are URL-encoded (some datasets have
+spaces in theirs). `list_files` asks the hub's tree API which files a folder holds; `stream_lines` reads the
+start of a file too large to download whole, line by line, caching nothing.
+
+The cache holds only verified files. A download streams into `<file>.part`, resumes it with an HTTP Range
+request after an interruption, and is moved into the cache only once it checks out: not an HTML page (what
+a captive portal or login page answers with, HTTP 200 and all), its full size, and for LFS files the sha256
+the hub advertises. A `.part` that fails is deleted with a one-line error (a short one is kept, to resume);
+a complete `.part` left by an earlier run (HTTP 416 to our Range) gets the same checks, and if it fails it
+is deleted and the file downloaded afresh, once.
+
+A cached file that turns out bad (an HTML page cached by an older version of this file, or one that fails
+to parse in `read_parquet`) is never deleted here: the one-line error names it, to delete and run again.
+We cannot re-download it ourselves (a parser gets a path, not a URL), and a file that passed its checks yet
+fails to parse is worth a look before it goes; `bad_file` builds that error for callers' own parsers too.
 """
 import hashlib
 import http.client
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,8 +57,21 @@ def cached_download(repo, filename, repo_type="model"):
     dest = cache_dir() / f"{repo_type}s" / repo / filename
     if not dest.is_file():
         download(hub_url(repo, filename, repo_type), dest)
+    elif _is_html(dest):  # cached before the checks below existed, or put there by hand
+        raise bad_file(dest, "an HTML page (a captive portal or login page?), not the file")
     return dest
 
+
+def bad_file(path, why):
+    """A one-line ValueError for a file that fails to parse or check: `{path}: {why}`, plus, for a file in
+    our cache, the advice to delete it so that the next run downloads it afresh."""
+    why = " ".join(str(why).split())  # parsers' messages may span lines
+    if Path(path).resolve().is_relative_to(cache_dir().resolve()):
+        return ValueError(f"{path}: {why}; delete this cached file and run again to download it afresh")
+    return ValueError(f"{path}: {why}")
+
+
+# ----------------------------------------------------------------------------------------------- requests
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
@@ -60,7 +84,8 @@ _opener = urllib.request.build_opener(_NoRedirect)
 def _open(url, start):
     """GET `url` from byte `start`, following redirects by hand: the hub's first answer (a 302 to its CDN for
     LFS files) carries X-Linked-Etag / X-Linked-Size, the file's sha256 and size. Returns (response, headers
-    seen on the way). The token is not sent on to another host, as `requests` does too."""
+    seen on the way); an HTTPError carries them too, as `.seen` (a 416 needs them to check a .part). The
+    token is not sent on to another host, as `requests` does too."""
     token, host, seen = os.environ.get("HF_TOKEN"), urllib.parse.urlsplit(url).netloc, {}
     for _ in range(10):
         headers = {"User-Agent": "ifwit/1.0", "Accept-Encoding": "identity"}
@@ -76,19 +101,12 @@ def _open(url, start):
                     seen.setdefault(k, e.headers.get(k))
                 url = urllib.parse.urljoin(url, e.headers["Location"])
                 continue
+            e.seen = seen
             raise
         for k in ("X-Linked-Etag", "X-Linked-Size", "ETag"):
             seen.setdefault(k, response.headers.get(k))
         return response, seen
     raise OSError(f"too many redirects for {url}")
-
-
-def _expected_sha256(seen):
-    for k in ("X-Linked-Etag", "ETag"):  # LFS files: a sha256; small git files: a sha1 we cannot use
-        tag = (seen.get(k) or "").removeprefix("W/").strip('"')
-        if re.fullmatch(r"[0-9a-f]{64}", tag):
-            return tag
-    return None
 
 
 HINT = "pass a local path (an HF directory or .safetensors file) instead, or set HF_ENDPOINT / HF_TOKEN"
@@ -104,8 +122,71 @@ def _failure(e, url):
     return OSError(f"could not reach {url} ({getattr(e, 'reason', e)}); offline? {HINT}")
 
 
+class HTMLPage(OSError):
+    """An HTML page where a file was expected: what a captive portal or a login page answers with, HTTP 200
+    and all."""
+
+
+def _html_page(doing, deleted=""):
+    return HTMLPage(f"{doing} got an HTML page instead of the file (a captive portal or login page?); {deleted}"
+                    f"sign in to the network or check HF_ENDPOINT, then run again")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _html_type(content_type):
+    return (content_type or "").split(";")[0].strip().lower() == "text/html"
+
+
+def _html_start(head):
+    """Whether bytes `head`, the start of a file, are those of an HTML page."""
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # a UTF-8 byte order mark, blank lines
+    return head.startswith((b"<!doctype html", b"<html"))
+
+
+def _is_html(path, content_type=None):
+    """Whether `path` (a file or its .part) holds an HTML page, served as text/html or starting like one,
+    though its name says it is something else."""
+    if Path(str(path).removesuffix(".part")).suffix.lower() in (".html", ".htm"):
+        return False
+    with open(path, "rb") as f:
+        return _html_type(content_type) or _html_start(f.read(512))
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _expected_sha256(seen):
+    for k in ("X-Linked-Etag", "ETag"):  # LFS files: a sha256; small git files: a sha1 we cannot use
+        tag = (seen.get(k) or "").removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", tag):
+            return tag
+    return None
+
+
+def _defect(part, total, sha256):
+    """What is wrong with `part`, all of a download, as a phrase; None if it is the file: not an HTML page,
+    `total` bytes when known, of `sha256` when known."""
+    if _is_html(part):
+        return "is an HTML page (a captive portal's or login page's?)"
+    size = part.stat().st_size
+    if total is not None and size != total:
+        return f"has {size} bytes, expected {total}"
+    if sha256 is not None and (got := _sha256(part)) != sha256:
+        return f"is corrupted (sha256 {got[:12]}..., the hub says {sha256[:12]}...)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- downloads
+
 def download(url, dest):
-    """Download `url` to `dest` atomically, resuming `dest.part` if an earlier try was cut off."""
+    """Download `url` to `dest` atomically, resuming `dest.part` if an earlier try was cut off. `dest` is
+    written only once the whole file checks out (`_defect`); a `.part` that does not is deleted."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -115,44 +196,62 @@ def download(url, dest):
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:
             raise _failure(e, url) from None
-        response, seen = None, {}  # our .part already holds everything: the range starts at its end
+        return _complete_part(url, dest, part, e)
     except (urllib.error.URLError, OSError) as e:
         raise _failure(e, url) from None
-    if response is not None and response.status == 200 and have:
-        have = 0  # the server ignored our Range header: start over
-    total = None
-    if response is not None and response.headers.get("Content-Length") is not None:
-        total = have + int(response.headers["Content-Length"])
-    if seen.get("X-Linked-Size"):
-        total = int(seen["X-Linked-Size"])
+    with response:
+        if response.status == 200 and have:
+            have = 0  # the server ignored our Range header: start over
+        total = None
+        if response.headers.get("Content-Length") is not None:
+            total = have + int(response.headers["Content-Length"])
+        if seen.get("X-Linked-Size"):
+            total = int(seen["X-Linked-Size"])
+        _receive(url, response, part, have, total, dest.name)
+        content_type = response.headers.get("Content-Type")
+    if _is_html(part, content_type):  # first: a portal's page is no start of the file to resume
+        part.unlink()
+        raise _html_page(f"download of {url}", deleted="deleted it; ")
+    if total is not None and part.stat().st_size < total:  # closed early: keep what came, resume next time
+        raise OSError(f"download of {url} interrupted after {part.stat().st_size} of {total} bytes; "
+                      f"run again to resume")
+    if defect := _defect(part, total, _expected_sha256(seen)):
+        part.unlink()
+        raise OSError(f"download of {url} {defect}; deleted it, run again")
+    os.replace(part, dest)
+    return dest
+
+
+def _receive(url, response, part, have, total, name):
+    """Append the body of `response` to `part` (or overwrite it when `have` is 0), with a progress bar."""
     try:
         with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-            while response is not None and (chunk := response.read(CHUNK)):
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+            while chunk := response.read(CHUNK):
                 f.write(chunk)
                 bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as e:  # a reset socket; a body cut short (IncompleteRead)
         raise OSError(f"download of {url} interrupted after {part.stat().st_size} bytes ({type(e).__name__}); "
                       f"run again to resume") from None
-    size = part.stat().st_size
-    if total is not None and size < total:  # the connection closed early: keep what came, resume next time
-        raise OSError(f"download of {url} interrupted after {size} of {total} bytes; run again to resume")
-    if total is not None and size > total:
+
+
+def _complete_part(url, dest, part, error):
+    """HTTP 416 to our Range request: the server says `part` already holds the whole file. It was written by
+    an earlier run, perhaps of an older version of the file or by a portal, so it gets a new download's
+    checks; one that fails is deleted and the file downloaded afresh (once: with no .part, no Range, no 416)."""
+    seen = getattr(error, "seen", {})
+    total = int(seen["X-Linked-Size"]) if seen.get("X-Linked-Size") else None
+    if total is None and (m := re.fullmatch(r"bytes \*/(\d+)", error.headers.get("Content-Range") or "")):
+        total = int(m.group(1))  # a 416 states the file's size so
+    if defect := _defect(part, total, _expected_sha256(seen)):
         part.unlink()
-        raise OSError(f"download of {url} has {size} bytes, expected {total}; deleted it, run again")
-    sha256 = _expected_sha256(seen)
-    if sha256 is not None:
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            part.unlink()
-            raise OSError(f"download of {url} is corrupted (sha256 {h.hexdigest()[:12]}..., the hub says "
-                          f"{sha256[:12]}...); deleted it, run again")
+        print(f"{part}, left by an earlier run, {defect}; deleted it, downloading afresh", file=sys.stderr)
+        return download(url, dest)
     os.replace(part, dest)
     return dest
 
+
+# --------------------------------------------------------------------------------------- listing, reading
 
 def list_files(repo, folder, repo_type="model"):
     """Sorted paths of the files under `folder` (recursively) of a hub repo, from the hub's tree API
@@ -163,9 +262,14 @@ def list_files(repo, folder, repo_type="model"):
         try:
             response, _ = _open(url, 0)
             with response:
-                entries, link = json.loads(response.read()), response.headers.get("Link") or ""
+                body, link, content_type = response.read(), response.headers.get("Link") or "", \
+                    response.headers.get("Content-Type")
         except (urllib.error.URLError, OSError) as e:
             raise _failure(e, url) from None
+        if _html_type(content_type) or _html_start(body[:512]):
+            raise _html_page(f"listing {url}")
+        try:
+            entries = json.loads(body)
         except json.JSONDecodeError:
             raise OSError(f"{url}: the hub's answer is not JSON; is HF_ENDPOINT a hub?") from None
         paths += [entry["path"] for entry in entries if entry.get("type") == "file"]
@@ -176,17 +280,25 @@ def list_files(repo, folder, repo_type="model"):
 
 def stream_lines(repo, filename, repo_type="model"):
     """Yield the lines of a UTF-8 text file on the hub as they arrive, without their line ends, caching
-    nothing: for reading the start of a file too large to download whole (stop iterating to stop reading)."""
+    nothing: for reading the start of a file too large to download whole (stop iterating to stop reading).
+    An HTML page in its place (a captive portal's) is an error, not lines of the file."""
     url = hub_url(repo, filename, repo_type)
     try:
         response, _ = _open(url, 0)
     except (urllib.error.URLError, OSError) as e:
         raise _failure(e, url) from None
+    html_ok = filename.lower().endswith((".html", ".htm"))  # else an HTML page is a portal's, not the file
     with response:
+        if _html_type(response.headers.get("Content-Type")) and not html_ok:
+            raise _html_page(f"reading {url}")
         n = 0
         try:
             for n, line in enumerate(response, 1):
+                if n == 1 and _html_start(line) and not html_ok:
+                    raise _html_page(f"reading {url}")
                 yield line.decode("utf-8").rstrip("\r\n")
+        except HTMLPage:
+            raise  # an OSError, but no broken connection
         except UnicodeDecodeError as e:
             raise ValueError(f"{url}: line {n} is not UTF-8 (byte {e.start})") from None
         except (OSError, http.client.HTTPException) as e:
@@ -195,9 +307,14 @@ def stream_lines(repo, filename, repo_type="model"):
 
 def read_parquet(path):
     """Rows of a parquet file as dicts. Some sets (GSM8K, MBPP) are on the hub only as parquet; pyarrow, an
-    optional dependency, is needed for them alone."""
+    optional dependency, is needed for them alone. A file that does not parse is a one-line error naming it
+    (see `bad_file`)."""
     try:
+        import pyarrow
         import pyarrow.parquet
     except ImportError:
         raise OSError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    return pyarrow.parquet.read_table(path).to_pylist()
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:  # ArrowInvalid (bad footer); OSError (bad thrift metadata)
+        raise bad_file(path, f"not a readable parquet file ({e})") from None

@@ -70,12 +70,19 @@ class FakeHub:
     URL-encoded). LFS files get a 302 to /cdn/{sha256} carrying X-Linked-Etag and X-Linked-Size, as
     huggingface.co does; Range requests get 206. /api/{models|datasets}/{repo}/tree/main/{folder} lists a folder
     as the hub's tree API does (JSON entries; `page` entries per answer, further pages linked by a Link header
-    with rel="next"). Knobs: `cut` (path -> bytes after which the next answer breaks off), `corrupt` (paths
-    whose served bytes differ from the advertised sha256), `token` (required bearer token), `page`."""
+    with rel="next"). A Range starting at or past a file's end gets 416 with Content-Range `bytes */{size}`, as
+    the hub's CDN answers. Knobs: `cut` (path -> bytes after which the next answer breaks off), `corrupt` (paths
+    whose served bytes differ from the advertised sha256), `token` (required bearer token), `page`, `portal`
+    (answer every request with HTTP 200 and an HTML login page, as a captive portal does; `portal_type` is its
+    Content-Type, None for none, to make the client recognise the page by its first bytes)."""
+
+    PORTAL_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in to CoffeeShop WiFi</title></head>\n" \
+                  b"<body><form action=/login><input name=room></form></body></html>\n"
 
     def __init__(self):
         self.files, self.lfs, self.requests = {}, {}, []
         self.cut, self.corrupt, self.token, self.page = {}, set(), None, 1000
+        self.portal, self.portal_type = False, "text/html; charset=utf-8"
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -84,6 +91,8 @@ class FakeHub:
 
             def do_GET(self):
                 hub.requests.append((self.path, dict(self.headers)))
+                if hub.portal:
+                    return self.portal()
                 if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
                     if not self.path.startswith("/cdn/"):
                         return self.send_error(401)
@@ -107,12 +116,25 @@ class FakeHub:
                 if path in hub.corrupt:
                     body = bytes([body[0] ^ 1]) + body[1:]
                 start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
+                if start and start >= len(body):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
                 self.end_headers()
                 cut = hub.cut.pop(path, None)
                 self.wfile.write(body[start:cut] if cut is not None else body[start:])
+
+            def portal(self):
+                self.send_response(200)
+                if hub.portal_type:
+                    self.send_header("Content-Type", hub.portal_type)
+                self.send_header("Content-Length", str(len(hub.PORTAL_PAGE)))
+                self.end_headers()
+                self.wfile.write(hub.PORTAL_PAGE)
 
             def tree(self):
                 url = urllib.parse.urlsplit(self.path)
