@@ -58,7 +58,7 @@ def _pieces(messages):
         # contents are stripped, as the paper's code (open-instruct's format) does: 327 of LIMA's 2,168 turns
         # end in whitespace, which would otherwise be learned right before <|endoftext|>
         role, content = message["role"], message["content"].strip()
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict is unhashable: `in` would raise TypeError
             raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
         join = "\n" if i > 0 and messages[i - 1]["role"] == "assistant" else ""  # after <|endoftext|>
         if role == "assistant":
@@ -106,40 +106,85 @@ def targets_from_mask(ids, mask):
 
 def read_bytes(path):
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a directory, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return path, path.read_bytes()
 
 
+BLANK = object()  # what json_line returns for a blank line (a JSON null is a row, and an error for every reader)
+
+
+def json_line(where, line):
+    """The JSON value of one line of JSONL bytes, or BLANK; a one-line ValueError naming `where` otherwise."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte {e.start} is 0x{line[e.start]:02x})") from None
+    if not text.strip():
+        return BLANK
+    return parse_json(where, text)
+
+
+def parse_json(where, text, whole_file=False):
+    """json.loads with its failures as one-line ValueErrors naming `where` ("file:line" for a JSONL row; the
+    file for a whole JSON document, whose line is then added)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if whole_file else where
+        raise ValueError(f"{at}: malformed JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:  # json.loads recurses once per [ or {: a line of 100,000 "[" exhausts the stack
+        raise ValueError(f"{where}: malformed JSON (nested too deeply)") from None
+
+
+def numbered_lines(path, data):
+    """("file:line", line) for each line of JSONL bytes, numbered from 1."""
+    return ((f"{path}:{n}", line) for n, line in enumerate(data.split(b"\n"), 1))
+
+
 def json_lines(path, data):
     """[(where, row)] for each non-blank line of JSONL bytes; `where` is "file:line", and every error names it."""
     rows = []
-    for n, line in enumerate(data.split(b"\n"), 1):
-        where = f"{path}:{n}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: not UTF-8 (byte {e.start} is 0x{line[e.start]:02x})") from None
-        if not text.strip():
-            continue
-        try:
-            rows.append((where, json.loads(text)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+    for where, line in numbered_lines(path, data):
+        row = json_line(where, line)
+        if row is not BLANK:
+            rows.append((where, row))
     return rows
+
+
+def conversation(where, row):
+    """The messages of one row of a messages JSONL file, checked (check_messages); a ValueError if malformed."""
+    if not isinstance(row, dict) or "messages" not in row:
+        raise ValueError(f"{where}: missing field 'messages'")
+    return check_messages(row["messages"], where)
+
+
+def scan_conversations(path):
+    """(conversations, errors) of a messages JSONL file: every line is checked, and each malformed one gives one
+    error (one line of text naming file:line and field), in file order."""
+    path, data = read_bytes(path)
+    conversations, errors = [], []
+    for where, line in numbered_lines(path, data):
+        try:
+            row = json_line(where, line)
+            if row is not BLANK:
+                conversations.append(conversation(where, row))
+        except ValueError as e:
+            errors.append(str(e))
+    if not conversations and not errors:
+        errors.append(f"{path}: empty file, no conversations")
+    return conversations, errors
 
 
 def read_conversations(path):
     """Conversations from a messages JSONL file, one {"messages": [{"role", "content"}, ...]} per line (the
-    open-instruct / Tulu format; other keys ignored). Every error names the file, line and field."""
-    path, data = read_bytes(path)
-    conversations = []
-    for where, row in json_lines(path, data):
-        if not isinstance(row, dict) or "messages" not in row:
-            raise ValueError(f"{where}: missing field 'messages'")
-        conversations.append(check_messages(row["messages"], where))
-    if not conversations:
-        raise ValueError(f"{path}: empty file, no conversations")
+    open-instruct / Tulu format; other keys ignored). Every error names the file, line and field; the first
+    malformed line is raised (`python chat.py FILE` lists them all)."""
+    conversations, errors = scan_conversations(path)
+    if errors:
+        raise ValueError(errors[0])
     return conversations
 
 
@@ -165,6 +210,16 @@ def read_documents(path):
     return documents
 
 
+JSON_KINDS = {list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number",
+              type(None): "null"}  # what a non-string JSON value is called in an error message
+
+
+def shorten(text, limit=60):
+    """repr(text), cut to `limit` characters: an error message quotes the field, not a whole document."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list")
@@ -172,8 +227,11 @@ def check_messages(messages, where):
         field = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ValueError(f"{where}: {field} must be an object with 'role' and 'content'")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"{where}: {field}.role is {m.get('role')!r}; expected system, user or assistant")
+        if "role" not in m or not isinstance(m["role"], str):  # first: a list or dict is unhashable to `in ROLES`
+            what = "missing" if "role" not in m else JSON_KINDS[type(m["role"])]
+            raise ValueError(f"{where}: {field}.role is {what}; expected system, user or assistant")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: {field}.role is {shorten(m['role'])}; expected system, user or assistant")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: {field}.content must be a string, not {type(m.get('content')).__name__}")
         if m["role"] == "assistant" and not m["content"].strip():
@@ -190,11 +248,10 @@ def read_instructions(path):
     path, data = read_bytes(path)
     if data.lstrip()[:1] == b"[":  # AlpacaEval: one JSON list
         try:
-            items = json.loads(data.decode("utf-8"))
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        items = parse_json(path, text, whole_file=True)
         rows = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     else:
         rows = json_lines(path, data)
@@ -293,10 +350,39 @@ def describe(name, conversations, block_size=1024):
           f"({100 * over / len(lengths):.1f}%)")
 
 
+MAX_SHOWN = 20  # malformed lines listed by check_file; a file broken on every line needs only the first few
+
+
+def check_file(path):
+    """`python chat.py FILE.jsonl`: every malformed line on stderr, one line each (the first MAX_SHOWN, then a
+    count), and exit status 1; or, for a good file, its statistics (describe)."""
+    conversations, errors = scan_conversations(path)
+    for error in errors[:MAX_SHOWN]:
+        print(f"error: {error}", file=sys.stderr)
+    if len(errors) > MAX_SHOWN:
+        print(f"error: ... and {len(errors) - MAX_SHOWN} more malformed lines in {path}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+    describe(str(path), conversations)
+
+
+def main(argv):
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__.strip()))
+    if argv[:1] and argv[0].startswith("-") and argv[0] != "-":  # a prompt cannot start with a dash; a typo can
+        sys.exit(f"error: unknown flag {argv[0]!r} (see --help)")
+    if argv[:1] and argv[0].endswith(".jsonl"):  # python chat.py data.jsonl: validate and describe it
+        if len(argv) > 1:
+            sys.exit(f"error: unexpected argument {argv[1]!r} (one file at a time; see --help)")
+        try:
+            check_file(argv[0])
+        except OSError as e:  # no such file, a directory, unreadable: before any line is read
+            sys.exit(f"error: {e}")
+        return
+    prompt = encode_prompt(" ".join(argv) or "Write a poem called Spring")
+    print(prompt)
+    print(repr(decode(prompt)))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] and sys.argv[1].endswith(".jsonl"):  # python chat.py data.jsonl: validate and describe it
-        describe(sys.argv[1], read_conversations(sys.argv[1]))
-    else:
-        prompt = encode_prompt(" ".join(sys.argv[1:]) or "Write a poem called Spring")
-        print(prompt)
-        print(repr(decode(prompt)))
+    main(sys.argv[1:])

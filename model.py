@@ -445,7 +445,20 @@ def load_safetensors(path):
             t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
             f.readinto(t.view(-1).view(torch.uint8).numpy())  # little-endian on disk, as on every host we run on
             tensors[name] = t
+    for name, t in tensors.items():  # a diverged run saves NaNs that would only show up as garbage text later
+        if non_finite(t):
+            raise ValueError(f"{path}: tensor '{name}' has {non_finite(t)} NaN or Inf values "
+                             f"(a diverged or corrupted checkpoint)")
     return tensors, metadata
+
+
+def non_finite(t):
+    """How many NaN or Inf values `t` holds. A sum is finite only if every value is, and summing is 20x faster
+    than isfinite(t) on a CPU (1 s for GPT-2's 124M weights); only a non-finite sum (or one that overflowed
+    float16) pays for the exact count."""
+    if torch.isfinite(t.sum()):
+        return 0
+    return t.numel() - int(torch.isfinite(t).sum())
 
 
 def save_safetensors(tensors, path, metadata):
@@ -465,6 +478,9 @@ def save_safetensors(tensors, path, metadata):
     os.replace(tmp, path)
 
 
+SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")  # HF's names; n_positions is block_size
+
+
 def config_from_hf_json(path):
     """GPTConfig from an HF GPT-2 config.json, refusing variants this GPT does not implement."""
     if not path.is_file():
@@ -473,8 +489,13 @@ def config_from_hf_json(path):
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-        if not isinstance(hf.get(key), int):
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(hf, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(hf), "a number")
+        raise ValueError(f"{path}: expected a JSON object, not {kind}")
+    for key in SIZES:
+        if type(hf.get(key)) is not int:  # not isinstance: true and false are ints to Python
             raise ValueError(f"{path}: missing or non-integer field '{key}'")
     unsupported = {"activation_function": "gelu_new", "n_inner": None, "layer_norm_epsilon": 1e-5,
                    "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -483,8 +504,26 @@ def config_from_hf_json(path):
         value = hf.get(key, expected)
         if value != expected and not (key == "n_inner" and value == 4 * hf["n_embd"]):
             raise ValueError(f"{path}: field '{key}' is {value!r}; this GPT-2 implements only {expected!r}")
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], token_ids=check_token_ids(path, hf.get("token_ids")))
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], token_ids=check_token_ids(path, hf.get("token_ids")))
+    return check_sizes(path, config, {key: f"field '{key}'" for key in SIZES})
+
+
+def check_sizes(path, config, names):
+    """`config` if a GPT can be built from it, else a one-line ValueError: every size must be positive and the
+    heads must split n_embd evenly. `names` says what each size in SIZES is called in the file."""
+    sizes = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+             "n_positions": config.block_size, "vocab_size": config.vocab_size}
+    for key, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{path}: {names[key]} is {value}; it must be positive")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"{path}: {names['n_head']} is {config.n_head}, which does not divide n_embd "
+                         f"{config.n_embd} (each head gets n_embd / n_head dimensions)")
+    if config.token_ids is not None and len(config.token_ids) != config.vocab_size:
+        raise ValueError(f"{path}: token_ids has {len(config.token_ids)} ids for vocab_size "
+                         f"{config.vocab_size} (one per row of wte)")
+    return config
 
 
 def check_token_ids(where, ids):
@@ -504,15 +543,24 @@ def config_from_shapes(path, tensors, metadata):
     for name in ("wte.weight", "wpe.weight"):
         if name not in key:
             raise ValueError(f"{path}: missing tensor '{name}'")
+        if tensors[key[name]].dim() != 2:  # (rows, n_embd); anything else would fail to unpack below
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[key[name]].shape)}; "
+                             f"expected 2 dimensions")
     vocab_size, n_embd = tensors[key["wte.weight"]].shape
     n_layer = len({k.split(".")[1] for k in key if k.startswith("h.")})
-    n_head = int(metadata.get("n_head", max(1, n_embd // 64)))
+    n_head = metadata.get("n_head", str(max(1, n_embd // 64)))
+    if not (n_head.isascii() and n_head.isdigit()):  # int() would also take " 4", "+4", "4_0" and "٤"
+        raise ValueError(f"{path}: metadata 'n_head' is {n_head[:40]!r}; expected a positive integer")
     try:
         token_ids = json.loads(metadata["token_ids"]) if "token_ids" in metadata else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: metadata token_ids is not JSON") from None
-    return GPTConfig(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size, n_layer=n_layer,
-                     n_head=n_head, n_embd=n_embd, token_ids=check_token_ids(path, token_ids))
+    config = GPTConfig(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size, n_layer=n_layer,
+                       n_head=int(n_head), n_embd=n_embd, token_ids=check_token_ids(path, token_ids))
+    names = {"n_layer": "the number of blocks (tensors h.N.*)", "n_embd": "n_embd (columns of wte.weight)",
+             "n_positions": "n_positions (rows of wpe.weight)", "vocab_size": "vocab_size (rows of wte.weight)",
+             "n_head": "metadata 'n_head'" if "n_head" in metadata else "n_head (n_embd // 64: no metadata 'n_head')"}
+    return check_sizes(path, config, names)
 
 
 def load_hf_state_dict(model, tensors, path):
