@@ -18,6 +18,8 @@ log.jsonl and loss.png.
 import json
 import math
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +54,7 @@ DEFAULTS = {
                                 "gsm8k, mbpp, poetry, recipes, chess, sample, tinyworld_pretrain, tinyworld, ..."),
     "val_data": ("", "messages JSONL for the eval loss (default: the prepared data's val split)"),
     "out_dir": ("", "where checkpoints and logs go (default: out/<data name>)"),
+    "overwrite": (False, "start over in an out_dir that already holds a run (default: refuse; see --init_from=resume)"),
     "epochs": (1.0, "passes over the data (1 epoch of Dolly = the step count of 15 LIMA epochs)"),
     "max_iters": (0, "optimizer steps; 0 = as many as `epochs` takes"),
     "batch_size": (8, "sequences per micro-batch per process"),
@@ -75,6 +78,9 @@ DEFAULTS = {
     "vocab": ("", "with init_from=scratch: a JSON list of the GPT-2 ids the model knows (TinyWorld's "
                   "data/tinyworld/vocab.json); empty = all 50,257"),
 }
+DEFAULTS_VALUES = {key: value for key, (value, _) in DEFAULTS.items()}
+RESUMABLE = {"init_from", "out_dir", "max_iters", "epochs", "eval_interval", "show_examples", "compile", "overwrite",
+             *DEVICE_FLAGS}  # what --init_from=resume may change; any other flag must match the run's own
 EXAMPLES = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
             "Write a short poem about the ocean.",
             "What are three tips for staying focused while studying?"]
@@ -139,8 +145,18 @@ def use_threads(n):
 
 
 def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu."""
+    """'auto' picks cuda, then mps, then cpu; anything else must be a device this machine has."""
     if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device={name}: not a device (cpu, cuda, cuda:1, mps, or auto)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise ValueError(f"--device={name}: this machine has no {device.type} device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -352,6 +368,79 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------------ the run directory
+
+def progress(out_dir):
+    """{"step", "max_iters", "finished"} of the run in out_dir (progress.json, written with every checkpoint),
+    or None if out_dir holds no run of train.py. A run is finished when its last step is its max_iters."""
+    path = Path(out_dir) / "progress.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        return {"step": int(state["step"]), "max_iters": int(state["max_iters"]), "finished": bool(state["finished"])}
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a progress file of train.py (delete it, or the run)") from None
+
+
+RUN_FILES = ("ckpt.pt", "progress.json", "log.jsonl", "config.json", "model.safetensors", "loss.png")
+
+
+def holds_run(out_dir):
+    return any((Path(out_dir) / name).exists() for name in ("ckpt.pt", "progress.json", "log.jsonl"))
+
+
+def take_lock(out_dir):
+    """One train.py per out_dir: create out_dir/train.lock holding our pid, or refuse if a live process holds it.
+    A lock left by a killed process (its pid no longer runs) is taken over."""
+    lock = Path(out_dir) / "train.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = lock.read_text().strip() if lock.is_file() else ""
+            pid = int(text) if text.isdigit() else None
+            if pid is not None and pid_alive(pid):
+                raise OSError(f"{out_dir} is in use: train.py (pid {pid}) is training into it; wait for it, or stop it") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    raise OSError(f"{lock}: could not take the lock")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def save_run(out_dir, model, state, finished):
+    """Write a checkpoint: ckpt.pt (to resume), the HF export (config.json + model.safetensors) and progress.json,
+    all from the same step. Everything is written into out_dir/.saving first; only when all of it is on disk
+    are the files moved in, ckpt.pt first, so a full disk or a kill leaves the previous step's files whole and
+    never a newer export beside an older ckpt.pt."""
+    out_dir, staging = Path(out_dir), Path(out_dir) / ".saving"
+    try:
+        staging.mkdir(exist_ok=True)
+        model.save_pretrained(staging)
+        save_checkpoint(state, staging / "ckpt.pt")
+        chat.write_atomic(staging / "progress.json", json.dumps(
+            {"step": state["step"], "max_iters": state["max_iters"], "finished": finished}))
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({e.strerror or e}); "
+                      f"the previous checkpoint is intact") from None
+    for name in ("ckpt.pt", "config.json", "model.safetensors", "progress.json"):
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
+
+
 def plot_losses(log, path):
     plt = pyplot("loss.png; the numbers are in log.jsonl")
     if plt is None:
@@ -381,10 +470,55 @@ def peak_flops(device):
 
 # --------------------------------------------------------------------------------------------------- main
 
-def main(argv):
-    config = parse_flags(DEFAULTS, argv, __doc__)
+def check_flags(config):
+    """The flags whose values make no run: one line each, before anything is loaded."""
     if config["loss"] not in ("example", "token"):
         raise ValueError(f"--loss={config['loss']}: expected example or token")
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size"):
+        if config[key] < 1:
+            raise ValueError(f"--{key}={config[key]}: expected a positive number")
+    if config["max_iters"] < 0 or (config["max_iters"] == 0 and not config["epochs"] > 0):
+        raise ValueError(f"--max_iters={config['max_iters']}, --epochs={config['epochs']}: expected max_iters > 0, "
+                         "or max_iters = 0 and epochs > 0")
+    if not 0 <= config["learning_rate"] < float("inf") or not 0 <= config["warmup_ratio"] <= 1:
+        raise ValueError(f"--learning_rate={config['learning_rate']}, --warmup_ratio={config['warmup_ratio']}: "
+                         "expected a finite learning rate >= 0 and a ratio in [0, 1]")
+
+
+def load_checkpoint(path):
+    """ckpt.pt of a run, loaded without pickle's code execution (weights_only); a file that is not one of
+    train.py's checkpoints (truncated, random bytes, another program's) is one line."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # a truncated, random or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{path}: not a readable checkpoint of train.py ({first})") from None
+    keys = {"model", "model_config", "optimizer", "scaler", "config", "step", "log", "rng"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        raise ValueError(f"{path}: not a checkpoint of train.py (missing {sorted(keys - set(ckpt or {}))[:3]})")
+    bad = [k for k, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: tensor '{bad[0]}' holds NaN or Inf; resume from an earlier run instead")
+    return ckpt
+
+
+def resumed_config(config, ckpt, argv, out_dir):
+    """The run's own configuration from its checkpoint, with the flags a resumed run may change (RESUMABLE:
+    extend it with --max_iters or --epochs, move it to another device, ...). Any other flag given on the command
+    line must equal the run's own: one line otherwise, never silently ignored."""
+    run = {**DEFAULTS_VALUES, **ckpt["config"]}
+    run.setdefault("loss", "token")  # checkpoints from before --loss existed weighed tokens
+    given = {arg.removeprefix("--").partition("=")[0] for arg in argv if arg.startswith("--")}
+    for key in sorted(given - RESUMABLE):
+        if config[key] != run[key]:
+            raise ValueError(f"--{key}={config[key]}: {out_dir} was trained with {key}={run[key]!r}, and a resumed "
+                             f"run keeps it; start a new run in another --out_dir to change it")
+    return {**run, **{key: config[key] for key in given & RESUMABLE}, "init_from": "resume"}
+
+
+def main(argv):
+    config = parse_flags(DEFAULTS, argv, __doc__)
+    check_flags(config)
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_threads(config["threads"])
@@ -395,7 +529,6 @@ def main(argv):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     master = rank == 0
-    say = print if master else (lambda *a, **k: None)
     dtype = pick_dtype(device, config["dtype"])
 
     # the run's directory; resuming takes the run's own configuration from its checkpoint
@@ -409,9 +542,32 @@ def main(argv):
     if resume:
         if not (out_dir / "ckpt.pt").is_file():
             raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
-        ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-        ckpt["config"].setdefault("loss", "token")  # checkpoints from before --loss existed weighed tokens
-        config = {**ckpt["config"], "init_from": "resume", "device": config["device"], "dtype": config["dtype"]}
+        ckpt = load_checkpoint(out_dir / "ckpt.pt")
+        config = resumed_config(config, ckpt, argv, out_dir)
+    elif master and holds_run(out_dir) and not config["overwrite"]:
+        state = progress(out_dir)
+        what = f" (step {state['step']} of {state['max_iters']})" if state else ""
+        raise ValueError(f"{out_dir} already holds a run{what}; continue it with --init_from=resume --out_dir={out_dir}, "
+                         f"or replace it with --overwrite")
+    lock = None
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = take_lock(out_dir)
+        if not resume:  # --overwrite: the old run's marks go first, so nothing can mistake it for this one
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+    try:
+        return train(config, ckpt, out_dir, device, dtype, ddp, rank, world)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
+    """The run itself: data, model, optimizer, the training loop. Returns the exit status: 0, or 128 + the
+    signal that stopped it (130 for Ctrl-C, 143 for SIGTERM), so that scripts can tell a stopped run."""
+    resume, master = ckpt is not None, rank == 0
+    say = print if master else (lambda *a, **k: None)
     torch.manual_seed(config["seed"])
 
     # data: conversations -> chat format -> tokens + loss mask
@@ -423,6 +579,8 @@ def main(argv):
         f"{config['block_size']} tokens), {len(val)} for validation" + ("" if val else " (no val split: no eval loss)"))
     per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * len(train) / per_step)
+    if resume and max_iters < ckpt["step"]:
+        raise ValueError(f"--max_iters={max_iters}: {out_dir} is already at step {ckpt['step']}")
 
     # model
     if resume or config["init_from"] == "scratch":
@@ -464,27 +622,27 @@ def main(argv):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history when resuming
             f.writelines(json.dumps(r) + "\n" for r in log)
 
     def checkpoint():
-        raw_model.save_pretrained(out_dir)
-        save_checkpoint({"model": raw_model.state_dict(), "model_config": {k: v for k, v in vars(raw_model.config).items() if k != "dropout"},
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": config,
-                         "step": step, "samples_seen": step * per_step, "log": log, "rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
-                        out_dir / "ckpt.pt")
+        model_config = {k: v for k, v in vars(raw_model.config).items() if k != "dropout"}
+        save_run(out_dir, raw_model, {
+            "model": raw_model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "config": config, "step": step, "max_iters": max_iters,
+            "samples_seen": step * per_step, "log": log, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, step >= max_iters)
 
     stop = []  # Ctrl-C (or SIGTERM) finishes the current step, checkpoints and exits; resume continues exactly
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, lambda signum, _: stop.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _: stop.append(signum))
 
     peak = peak_flops(device)
     flops_per_token = 6 * raw_model.num_params()  # forward + backward (PaLM, appendix B)
     saved = step if resume else None  # the step of the last checkpoint written
     model.train()
     bar = tqdm(total=max_iters, initial=step, desc="training", disable=not master, dynamic_ncols=True)
+    first_step = step
     while step < max_iters and not stop:
         t0 = time.time()
         lr = get_lr(step, max_iters, config)
@@ -511,11 +669,15 @@ def main(argv):
             stopping = torch.tensor(float(bool(stop)), device=device)  # all processes stop at the same step
             torch.distributed.all_reduce(stopping, op=torch.distributed.ReduceOp.MAX)
             if stopping.item() and not stop:
-                stop.append(True)
+                stop.append(signal.SIGTERM)
         if not torch.isfinite(step_loss):
             last = f"{out_dir / 'ckpt.pt'} (step {saved})" if saved is not None else "none yet"
+            bad = next((n for n, p in raw_model.named_parameters() if not torch.isfinite(p).all()), None)
+            cause = ("Try a lower --learning_rate" if bad is None else f"The weights were not finite ({bad}) when "
+                     "loaded" if step == first_step else f"An earlier update made the weights infinite ({bad}): try a "
+                     "lower --learning_rate")
             raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; stopping. Last good checkpoint: "
-                                     f"{last}. Try a lower --learning_rate.")
+                                     f"{last}. {cause}.")
         if config["grad_clip"]:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
@@ -542,10 +704,10 @@ def main(argv):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if not master:
-        return
+        return 128 + int(stop[0]) if stop else 0
     if stop:
         print(f"stopped at step {step}; continue with: python train.py --init_from=resume --out_dir={out_dir}")
-        return
+        return 128 + int(stop[0])
     if device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     plot_losses(log, out_dir / "loss.png")
@@ -555,6 +717,6 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        sys.exit(main(sys.argv[1:]))
     except (ValueError, OSError, FloatingPointError) as e:  # user mistakes, data errors, downloads: one line
         sys.exit(f"error: {e}")
