@@ -49,8 +49,8 @@ import chat
 from model import EOT, GPT, varying_lengths
 from rules import RuleState, parse_rules, product_of_experts
 from sample import respond
-from train import (DEVICE_FLAGS, autocast, data_files, parse_flags, pick_device, pick_dtype, prepare_data, pyplot,
-                   use_threads)
+from train import (DEVICE_FLAGS, autocast, data_files, parse_flags, pick_device, pick_dtype, prepare_data, progress,
+                   pyplot, read_toml, use_threads)
 
 ROOT = Path(__file__).resolve().parent
 WORLD = ROOT / "data" / "tinyworld"
@@ -254,6 +254,13 @@ def rule_models(base, limit):
             ("no diversity rule", f"{base}+rules=eos,uniform", limit), ("no uniform rule", f"{base}+rules=eos,diversity", limit)]
 
 
+def run_train(args, config):
+    """python train.py ARGS in a process of its own (a script does not import another); fails loudly."""
+    command = [sys.executable, str(ROOT / "train.py"), *args, f"--device={config['device']}", f"--threads={config['threads']}"]
+    if subprocess.run(command).returncode != 0:
+        raise OSError(f"training failed: {' '.join(command)}")
+
+
 def comparison(config):
     """The paper's models at --base: [(label, spec, max_new_tokens)], training the finetuned ones missing."""
     base, limit = config["base"], config["max_new_tokens"]
@@ -262,15 +269,37 @@ def comparison(config):
             ("response-tuned", "response_tuning", config["response_data"])]
     runs += [(f"{task}-tuned", task, config["task_data"] or task) for task in config["tasks"].split()]
     for label, run, data in runs:
-        out = Path(config["out_dir"]) / "runs" / f"{Path(base).name}_{run}"
-        if not (out / "model.safetensors").is_file():
+        out = find_run(config, run, base, data)
+        state = progress(out)
+        if state is None:
             print(f"training {label} ({data}) into {out}", file=sys.stderr)
-            command = [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}",
-                       f"--data={data}", f"--out_dir={out}", f"--device={config['device']}", *config["train_args"].split()]
-            if subprocess.run(command).returncode != 0:
-                raise OSError(f"training {label} failed: {' '.join(command)}")
+            run_train([str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--data={data}", f"--out_dir={out}",
+                       *config["train_args"].split()], config)
+        elif not state["finished"]:  # a stopped run is finished first, never scored half-trained
+            print(f"{out} stopped at step {state['step']} of {state['max_iters']}: resuming it", file=sys.stderr)
+            run_train(["--init_from=resume", f"--out_dir={out}"], config)
         models.append((label, str(out), limit))
     return models
+
+
+def find_run(config, run, base, data):
+    """Where --compare takes a finetuned model from: the directory the README's command puts it in (the config's
+    own out_dir, e.g. out/response_tuning) when the run there started from this base on this data; else its own
+    out_dir/runs/<base>_<run> (trained there if missing)."""
+    own = Path(read_toml(ROOT / "config" / f"{run}.toml").get("out_dir", ""))
+    state = progress(own) if str(own) not in ("", ".") else None
+    if state is not None and (state["init_from"], state["data"]) == (base, data):
+        return own
+    return Path(config["out_dir"]) / "runs" / f"{Path(base).name}_{run}"
+
+
+def check_finished(spec):
+    """A model that is a train.py run must be a finished one: a half-trained model is not a result."""
+    init_from, _ = parse_model(spec)
+    state = progress(init_from) if Path(init_from).is_dir() else None
+    if state is not None and not state["finished"]:
+        raise ValueError(f"{init_from} is an unfinished run (step {state['step']} of {state['max_iters']}); finish it "
+                         f"with: python train.py --init_from=resume --out_dir={init_from}")
 
 
 def ranking_set(config, rows):
@@ -447,17 +476,11 @@ def world_metrics(judged, ranking):
     return {**metrics, **{f: share([r for r in judged if r["family"] == f], "correct") for f in world.FAMILIES}}
 
 
-def run_train(args, config):
-    """python train.py ARGS in a process of its own (a script does not import another); fails loudly."""
-    command = [sys.executable, str(ROOT / "train.py"), *args, f"--device={config['device']}", f"--threads={config['threads']}"]
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise OSError(f"training failed: {' '.join(command)}")
-
-
 def world_base(seed, config, out):
     """The pretrained base of a seed: shipped in data/tinyworld/bases/seed<N>, or pretrained now (--from_scratch)."""
     if config["from_scratch"]:
-        run_train([str(ROOT / "config" / "tinyworld_pretrain.toml"), f"--seed={seed}", f"--out_dir={out / 'base'}"], config)
+        run_train([str(ROOT / "config" / "tinyworld_pretrain.toml"), f"--seed={seed}", f"--out_dir={out / 'base'}",
+                   "--overwrite"], config)
         return out / "base"
     base = WORLD / "bases" / f"seed{seed}"
     if not (base / "model.safetensors").is_file():
@@ -474,7 +497,7 @@ def world_seed(seed, rows, runs, with_rules, config, device, dtype):
     for label, run, lr in runs:
         run_dir = out / file_name(label)
         run_train([str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--seed={seed}", f"--out_dir={run_dir}",
-                   *([f"--learning_rate={lr}"] if lr else [])], config)
+                   "--overwrite", *([f"--learning_rate={lr}"] if lr else [])], config)  # this command's own runs
         models.append((label, str(run_dir)))
     results = {}
     for label, spec in tqdm(models, desc=f"seed {seed}: judging", file=sys.stderr):
@@ -613,9 +636,17 @@ def main(argv):
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked, ranked_file = ranking_set(config, rows)  # a missing file fails now, not after training
     limit = config["max_new_tokens"]
+    if not config["compare"] and not config["models"].split():
+        raise ValueError("--models is empty: name at least one model (e.g. --models='gpt2 gpt2+rules')")
+    if config["negatives"] < 1 or config["batch_size"] < 1 or limit < 1:
+        raise ValueError(f"--negatives={config['negatives']}, --batch_size={config['batch_size']}, --max_new_tokens={limit}: "
+                         "expected each >= 1")
+    if not config["compare"]:  # a typo or a half-trained run fails now, not after an hour of generation
+        for spec in config["models"].split():
+            check_finished(spec)
     models = comparison(config) if config["compare"] else [(spec, spec, limit) for spec in config["models"].split()]
-    for _, spec, _ in models:  # a typo fails now, not after an hour of generation
-        parse_model(spec)
+    for _, spec, _ in models:
+        check_finished(spec)
     results = {}
     for label, spec, max_new_tokens in models:
         metrics, alpaca = evaluate_model(spec, rows, ranked, config, device, dtype, max_new_tokens)

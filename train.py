@@ -310,6 +310,8 @@ def vocabulary(path):
     """GPTConfig fields for --vocab: {} for GPT-2's whole vocabulary, else a restricted one read from a JSON list."""
     if not path:
         return {}
+    if not Path(path).exists() and (ROOT / path).exists():  # a config's repository-relative path, run from elsewhere
+        path = ROOT / path
     path, data = chat.read_bytes(path)
     try:
         ids = json.loads(data)
@@ -371,14 +373,16 @@ def save_checkpoint(state, path):
 # ------------------------------------------------------------------------------------ the run directory
 
 def progress(out_dir):
-    """{"step", "max_iters", "finished"} of the run in out_dir (progress.json, written with every checkpoint),
-    or None if out_dir holds no run of train.py. A run is finished when its last step is its max_iters."""
+    """{"step", "max_iters", "finished", "init_from", "data"} of the run in out_dir (progress.json, written with
+    every checkpoint), or None if out_dir holds no run of train.py. A run is finished when its last step is its
+    max_iters; init_from is the model it started from (kept through resumes)."""
     path = Path(out_dir) / "progress.json"
     if not path.is_file():
         return None
     try:
         state = json.loads(path.read_text())
-        return {"step": int(state["step"]), "max_iters": int(state["max_iters"]), "finished": bool(state["finished"])}
+        return {"step": int(state["step"]), "max_iters": int(state["max_iters"]), "finished": bool(state["finished"]),
+                "init_from": str(state.get("init_from", "")), "data": str(state.get("data", ""))}
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path}: not a progress file of train.py (delete it, or the run)") from None
 
@@ -431,7 +435,8 @@ def save_run(out_dir, model, state, finished):
         model.save_pretrained(staging)
         save_checkpoint(state, staging / "ckpt.pt")
         chat.write_atomic(staging / "progress.json", json.dumps(
-            {"step": state["step"], "max_iters": state["max_iters"], "finished": finished}))
+            {"step": state["step"], "max_iters": state["max_iters"], "finished": finished,
+             "init_from": state["origin"], "data": state["config"]["data"]}))
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({e.strerror or e}); "
@@ -567,6 +572,7 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
     """The run itself: data, model, optimizer, the training loop. Returns the exit status: 0, or 128 + the
     signal that stopped it (130 for Ctrl-C, 143 for SIGTERM), so that scripts can tell a stopped run."""
     resume, master = ckpt is not None, rank == 0
+    origin = ckpt.get("origin", "") if resume else config["init_from"]  # the model the run started from
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(config["seed"])
 
@@ -629,7 +635,7 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
         model_config = {k: v for k, v in vars(raw_model.config).items() if k != "dropout"}
         save_run(out_dir, raw_model, {
             "model": raw_model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "config": config, "step": step, "max_iters": max_iters,
+            "scaler": scaler.state_dict(), "config": config, "step": step, "max_iters": max_iters, "origin": origin,
             "samples_seen": step * per_step, "log": log, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, step >= max_iters)
 

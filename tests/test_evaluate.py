@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,8 +189,40 @@ def test_cli_mistakes_are_one_line(tmp_path):
                           ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file"),
                           (("--compare", f"--ranking_set={tmp_path / 'none.jsonl'}"), "none.jsonl: no such file"),
                           (("--similarity",), "gsm8k-tuned.json: no answers of the gsm8k-tuned model; run python "
-                                              "evaluate.py --compare first")]:
+                                              "evaluate.py --compare first"),
+                          (("--models=",), "--models is empty"), (("--negatives=0",), "--negatives=0"),
+                          ((f"--models=gpt2 {unfinished(tmp_path)}+rules",), f"{tmp_path / 'half'} is an unfinished run "
+                                                                           "(step 3 of 10); finish it with")]:
         r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args, f"--out_dir={tmp_path}"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
         assert not (tmp_path / "runs").exists()  # nothing was trained before the mistake was found
+
+
+def unfinished(tmp_path):
+    (tmp_path / "half").mkdir(exist_ok=True)
+    (tmp_path / "half" / "progress.json").write_text(json.dumps({"step": 3, "max_iters": 10, "finished": False}))
+    return tmp_path / "half"
+
+
+def test_compare_uses_finished_runs_where_the_readme_puts_them_and_resumes_stopped_ones(tmp_path, monkeypatch):
+    """--compare never scores a half-trained run: it resumes it. A finished run in a config's own out_dir (the
+    README's command put it there) is used if it started from this base on this data; anything else is trained."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(evaluate, "run_train", lambda args, config: calls.append(args))
+    def mark(directory, finished, init_from="gpt2", data="lima_responses"):
+        directory.mkdir(parents=True)
+        (directory / "progress.json").write_text(json.dumps({"step": 5, "max_iters": 5 if finished else 9,
+                                                            "finished": finished, "init_from": init_from, "data": data}))
+    mark(tmp_path / "out" / "response_tuning", True)  # python train.py config/response_tuning.toml put it here
+    mark(tmp_path / "out" / "instruction_tuning", True, data="dolly")  # another data set: not this comparison's
+    mark(tmp_path / "eval" / "runs" / "gpt2_poetry", False)  # stopped half way
+    config = {**{k: v for k, (v, _) in evaluate.DEFAULTS.items()}, "out_dir": str(tmp_path / "eval"), "tasks": "poetry"}
+    models = dict((label, spec) for label, spec, _ in evaluate.comparison(config))
+    assert models["response-tuned"] == str(Path("out") / "response_tuning")
+    assert models["instruction-tuned"] == str(tmp_path / "eval" / "runs" / "gpt2_instruction_tuning")
+    assert models["poetry-tuned"] == str(tmp_path / "eval" / "runs" / "gpt2_poetry")
+    assert calls == [[str(ROOT / "config" / "instruction_tuning.toml"), "--init_from=gpt2", "--data=lima",
+                      f"--out_dir={tmp_path / 'eval' / 'runs' / 'gpt2_instruction_tuning'}"],
+                     ["--init_from=resume", f"--out_dir={tmp_path / 'eval' / 'runs' / 'gpt2_poetry'}"]]

@@ -108,7 +108,8 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
     assert p.returncode == 130 and "stopped at step" in stdout, stderr  # 128 + SIGINT: scripts see the stop
     stopped = torch.load(part / "ckpt.pt", weights_only=True)["step"]
     assert 3 <= stopped < 24
-    assert train.progress(part) == {"step": stopped, "max_iters": 24, "finished": False}
+    assert train.progress(part) == {"step": stopped, "max_iters": 24, "finished": False, "init_from": "scratch",
+                                    "data": "sample"}
     assert not (part / "train.lock").exists()
     r = run("--init_from=resume", f"--out_dir={part}", "--device=cpu")
     assert r.returncode == 0 and f"resuming {part} at step {stopped}" in r.stdout, r.stderr

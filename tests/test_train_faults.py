@@ -45,7 +45,7 @@ def test_a_bad_flag_is_one_line(flag, message, tmp_path):
 def test_out_dir_is_protected_and_resume_honors_or_refuses_flags(tmp_path):
     out = tmp_path / "run"
     assert run(*TINY, "--max_iters=2", f"--out_dir={out}").returncode == 0
-    assert train.progress(out) == {"step": 2, "max_iters": 2, "finished": True}
+    assert train.progress(out) == {"step": 2, "max_iters": 2, "finished": True, "init_from": "scratch", "data": "sample"}
     before = (out / "model.safetensors").read_bytes()
     one_line_error(run(*TINY, "--max_iters=2", f"--out_dir={out}"),
                    f"{out} already holds a run (step 2 of 2); continue it with --init_from=resume")
@@ -54,7 +54,7 @@ def test_out_dir_is_protected_and_resume_honors_or_refuses_flags(tmp_path):
                    "--learning_rate=0.5: " + f"{out} was trained with learning_rate=5e-05")
     r = run("--init_from=resume", f"--out_dir={out}", "--max_iters=4")  # extending a run is allowed
     assert r.returncode == 0 and f"resuming {out} at step 2" in r.stdout, r.stderr
-    assert train.progress(out) == {"step": 4, "max_iters": 4, "finished": True}
+    assert train.progress(out) == {"step": 4, "max_iters": 4, "finished": True, "init_from": "scratch", "data": "sample"}
     one_line_error(run("--init_from=resume", f"--out_dir={out}", "--max_iters=3"), f"--max_iters=3: {out} is already at step 4")
     r = run(*TINY, "--max_iters=1", f"--out_dir={out}", "--overwrite")  # the explicit way to start over
     assert r.returncode == 0 and train.progress(out)["max_iters"] == 1
@@ -76,7 +76,7 @@ def test_one_process_per_out_dir_and_a_dead_holder_lock_is_taken_over(tmp_path):
 
 
 def tiny_state(model, step):
-    return {"model": model.state_dict(), "step": step, "max_iters": 10, "config": {}}
+    return {"model": model.state_dict(), "step": step, "max_iters": 10, "config": {"data": "x"}, "origin": "scratch"}
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_step_whole(tmp_path, monkeypatch):
