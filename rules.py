@@ -19,6 +19,7 @@ step costs the same at token 1,000 as at token 1 and each sequence of a batch ke
 """
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -210,7 +211,29 @@ RESPONSE = """Here is a simple tiramisu:
 
 Enjoy!"""
 
+USAGE = "    python rules.py [PATH.png]     # default: rules.png"
+
+
+def main(argv):
+    """The command line: at most one path for the figure, or --help."""
+    if argv[:1] in (["-h"], ["--help"]):
+        try:
+            return print(__doc__.strip() + "\n\n" + USAGE)
+        except BrokenPipeError:  # --help | head
+            return None
+    for arg in argv:
+        if arg.startswith("-"):
+            raise ValueError(f"unknown argument {arg!r} (the one argument is a PATH.png; see --help)")
+    if len(argv) > 1:
+        raise ValueError(f"one PATH.png at most, got {len(argv)} arguments (see --help)")
+    path = Path(argv[0] if argv else "rules.png")
+    if not path.parent.is_dir():  # now, not after the table is printed
+        raise FileNotFoundError(f"{path}: no such directory {path.parent}")
+    explain("Give me a recipe for tiramisu.", RESPONSE, path=path)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] and sys.argv[1].startswith("-"):  # --help, or any flag: this script takes only a path
-        sys.exit(print(__doc__.strip() + "\n\n    python rules.py [PATH.png]     # default: rules.png"))
-    explain("Give me a recipe for tiramisu.", RESPONSE, path=sys.argv[1] if len(sys.argv) > 1 else "rules.png")
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:  # a bad argument, or a figure path that cannot be written: one line
+        sys.exit(f"error: {e}")

@@ -11,8 +11,17 @@ Answer instructions with GPT-2, a finetuned checkpoint, or GPT-2 times the rule-
 Only the response is printed to stdout (streamed when stdout is a terminal); everything else goes to stderr.
 Decoding is greedy by default, as in the paper's evaluation; --greedy=False samples with --temperature,
 --top_k and --top_p.
+
+With --instructions, each answer is appended to OUT.partial.jsonl as soon as it is written, so Ctrl-C (exit 130),
+SIGTERM (143) or a crash loses at most the batch being generated; the same command again resumes from there.
+The AlpacaEval JSON list goes to OUT at the end and the partial file is removed. A prompt that would leave the
+answer less than a quarter of the context (or --max_new_tokens, if fewer) is cut from the left, keeping the
+question and the tags that ask for the answer; the cuts are counted.
 """
 import json
+import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,6 +58,46 @@ DEFAULTS = {
 # ---------------------------------------------------------------------------------------------------------
 
 
+# flags that change the answers: a resumed file must have been started with the same ones
+ANSWER_FLAGS = ("init_from", "rules", "eos_hold", "response_only", "what_bias", "max_new_tokens", "greedy",
+                "temperature", "top_k", "top_p", "seed")
+
+
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM: stop and say what was kept. `code` is the exit status a shell expects, 128 + the
+    signal. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def on_sigterm(signum, frame):
+    raise Stopped(128 + signal.SIGTERM, "terminated")  # in Python, so that answer_file keeps what it has
+
+
+def check_flags(config, argv):
+    """Reject values that would fail deep inside generation, or silently do something else; each error names
+    its flag. Returns the config with a bare --rules spelled 'all'."""
+    for arg in argv:  # parse_flags reads a bare --flag as "True", which for a text flag is a wrong value
+        key = arg.removeprefix("--")
+        if arg.startswith("--") and key in DEFAULTS and isinstance(DEFAULTS[key][0], str) and key != "rules":
+            raise ValueError(f"{arg} needs a value: {arg}=...")
+    checks = [("top_k", config["top_k"] >= 0, "0 (all tokens) or more"),
+              ("top_p", 0 < config["top_p"] <= 1, "a number in (0, 1]"),  # NaN fails every comparison
+              ("temperature", config["greedy"] or 0 < config["temperature"] < math.inf,
+               "a number above 0 when sampling (--greedy=False)"),
+              ("max_new_tokens", config["max_new_tokens"] >= 1, "1 or more"),
+              ("batch_size", config["batch_size"] >= 1, "1 or more"),
+              ("what_bias", math.isfinite(config["what_bias"]), "a finite number")]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{key}={config[key]}: expected {expected}")
+    if config["rules"].lower() == "true":  # a bare --rules: say which rules, in the header and the generator name
+        config = {**config, "rules": "all"}
+    return config
+
+
 def respond(model, prompts, config, rules, device, dtype, stream=None):
     """New tokens for each prompt (lists of token ids), with the rules as a per-step hook when on."""
     hook = RuleState(prompts, rules, device) if rules else None
@@ -58,6 +107,22 @@ def respond(model, prompts, config, rules, device, dtype, stream=None):
         return model.generate(prompts, config["max_new_tokens"], greedy=config["greedy"],
                               temperature=config["temperature"], top_k=config["top_k"] or None, top_p=config["top_p"],
                               hook=hook, callback=callback, generator=generator)
+
+
+def answer_room(block_size, max_new_tokens):
+    """Tokens of the context kept free for an answer: a quarter of it, or max_new_tokens if fewer."""
+    return min(max_new_tokens, block_size // 4)
+
+
+def fit_prompt(prompt, block_size, max_new_tokens):
+    """(prompt, cut): a prompt that leaves the answer less than answer_room tokens loses its start, so that
+    what is kept is the end of the instruction, where the question and "<|assistant|>\\n" are. The user tag is
+    put back in front: the model has only seen turns that open with it."""
+    keep = block_size - answer_room(block_size, max_new_tokens)
+    if len(prompt) <= keep:
+        return prompt, False
+    tag = chat.encode(chat.ROLES["user"])
+    return tag + prompt[len(prompt) - (keep - len(tag)):], True
 
 
 class Printer:
@@ -76,24 +141,112 @@ class Printer:
             self.shown = text
 
 
-def answer_file(model, config, rules, device, dtype):
-    rows = chat.read_instructions(config["instructions"])
-    generator = f"{Path(config['init_from']).name or config['init_from']}" + (f"+rules:{config['rules']}" if rules else "")
-    outputs = []
-    for i in tqdm(range(0, len(rows), config["batch_size"]), desc="generating", unit="batch", file=sys.stderr):
-        batch = rows[i:i + config["batch_size"]]
-        for row, out in zip(batch, respond(model, [chat.encode_prompt(r["instruction"]) for r in batch],
-                                           config, rules, device, dtype)):
-            outputs.append({"instruction": row["instruction"], "output": chat.decode(out).strip(),
-                            "generator": generator, "dataset": row["dataset"]})
-    out = Path(config["out"])
-    chat.write_atomic(out, json.dumps(outputs, indent=2, ensure_ascii=False))
-    print(f"wrote {len(outputs)} answers to {out} (AlpacaEval format, generator {generator!r})", file=sys.stderr)
+# --------------------------------------------------------------------------------- --instructions: a file
 
+def check_out(name):
+    """--out must be a file we can write, or we would find out only after generating every answer."""
+    out = Path(name)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out={name}: a directory, not a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"--out={name}: {out.parent} is not a directory") from None
+    except OSError as e:
+        raise OSError(f"--out={name}: cannot create {out.parent} ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out={name}: not writable")
+    return out
+
+
+def partial_path(out):
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def read_partial(path, rows, settings):
+    """The answers an earlier run with the same settings kept in `path`, checked against the instructions in
+    order; [] if there is no such file. A line torn by a killed run is dropped (its answer is generated again)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = chat.json_lines(path, data[:data.rfind(b"\n") + 1])
+    if not lines:
+        return []
+    where, header = lines[0]
+    if not isinstance(header, dict) or not isinstance(header.get("settings"), dict):
+        raise ValueError(f"{where}: not a partial answer file of sample.py (delete it to start over)")
+    changed = [key for key in ANSWER_FLAGS if header["settings"].get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise ValueError(f"{path}: started with --{key}={header['settings'].get(key)}, now --{key}={settings[key]}; "
+                         f"rerun with the same flags, or delete it to start over")
+    answers = []
+    for i, (where, answer) in enumerate(lines[1:]):
+        if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
+            raise ValueError(f"{where}: not an answer (delete the file to start over)")
+        if i >= len(rows) or answer.get("instruction") != rows[i]["instruction"]:
+            raise ValueError(f"{where}: answers another instruction than --instructions' item {i + 1} "
+                             f"(delete the file to start over)")
+        answers.append(answer)
+    return answers
+
+
+def generate_answers(model, rows, answers, file, config, rules, device, dtype, generator):
+    """Answer rows[len(answers):] in batches, appending each answer to `answers` and to `file` (flushed per
+    batch) as it comes. Returns how many prompts were cut to fit the context."""
+    cut = 0
+    with tqdm(total=len(rows), initial=len(answers), desc="generating", unit="answer", file=sys.stderr) as bar:
+        for i in range(len(answers), len(rows), config["batch_size"]):
+            batch = rows[i:i + config["batch_size"]]
+            prompts = [fit_prompt(chat.encode_prompt(r["instruction"]), model.config.block_size,
+                                  config["max_new_tokens"]) for r in batch]
+            cut += sum(was_cut for _, was_cut in prompts)
+            for row, out in zip(batch, respond(model, [p for p, _ in prompts], config, rules, device, dtype)):
+                answers.append({"instruction": row["instruction"], "output": chat.decode(out).strip(),
+                                "generator": generator, "dataset": row["dataset"]})
+                file.write(json.dumps(answers[-1], ensure_ascii=False) + "\n")
+            file.flush()
+            bar.update(len(batch))
+    return cut
+
+
+def read_file_job(config):
+    """(instructions, --out, answers kept by an interrupted run): everything that can be wrong with the files,
+    found before a model download and hours of generation."""
+    rows, out = chat.read_instructions(config["instructions"]), check_out(config["out"])
+    return rows, out, read_partial(partial_path(out), rows, {key: config[key] for key in ANSWER_FLAGS})
+
+
+def answer_file(model, config, rules, device, dtype, rows, out, answers):
+    """Answer every instruction of `rows` into `out` (AlpacaEval's JSON list), after the `answers` an earlier run
+    kept, resumably: see the docstring."""
+    generator = f"{Path(config['init_from']).name or config['init_from']}" + (f"+rules:{config['rules']}" if rules else "")
+    settings, partial = {key: config[key] for key in ANSWER_FLAGS}, partial_path(out)
+    if answers:
+        print(f"resuming from {partial}: {len(answers)} of {len(rows)} instructions already answered", file=sys.stderr)
+    # rewritten whole, so that a torn last line is gone before we append
+    chat.write_jsonl(partial, [{"settings": settings}] + answers)
+    try:
+        with open(partial, "a", encoding="utf-8") as file:
+            cut = generate_answers(model, rows, answers, file, config, rules, device, dtype, generator)
+    except (KeyboardInterrupt, Stopped) as e:
+        code, what = (e.code, str(e)) if isinstance(e, Stopped) else (128 + signal.SIGINT, "interrupted")
+        raise Stopped(code, f"{what}: {len(answers)} of {len(rows)} answers kept in {partial}; "
+                            f"run the same command again to resume") from None
+    if cut:
+        keep = model.config.block_size - answer_room(model.config.block_size, config["max_new_tokens"])
+        print(f"{cut} instruction{'s' if cut > 1 else ''} too long for the {model.config.block_size}-token context "
+              f"{'were' if cut > 1 else 'was'} cut from the left to {keep} tokens", file=sys.stderr)
+    chat.write_atomic(out, json.dumps(answers, indent=2, ensure_ascii=False))
+    partial.unlink()
+    print(f"wrote {len(answers)} answers to {out} (AlpacaEval format, generator {generator!r})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------- a chat in the terminal
 
 def interactive(model, config, rules, device, dtype):
     """A chat in the terminal: the conversation so far is the prompt; /reset forgets it, Ctrl-D leaves."""
-    print("chat with the model; /reset starts over, Ctrl-D quits", file=sys.stderr)
+    print("chat with the model; /reset starts over, Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
     messages = []
     while True:
         try:
@@ -103,21 +256,40 @@ def interactive(model, config, rules, device, dtype):
             return
         if text.strip() == "/reset":
             messages = []
-            continue
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        prompt = chat.encode_prompt(messages)
-        while len(prompt) > model.config.block_size // 2 and len(messages) > 1:  # forget the oldest turns
-            messages = messages[2:]
-            prompt = chat.encode_prompt(messages)
-        sys.stdout.write("assistant> ")
-        out = respond(model, [prompt], config, rules, device, dtype, stream=Printer())[0]
-        messages.append({"role": "assistant", "content": chat.decode(out)})
+        elif text.strip():
+            messages = chat_turn(model, messages, text, config, rules, device, dtype)
 
+
+def chat_turn(model, messages, text, config, rules, device, dtype):
+    """The conversation with the user's `text` and the model's reply added. A message too long to leave room
+    for a reply is refused (the conversation is returned unchanged). Ctrl-C during the reply stops it, and the
+    part already shown stays in the conversation, so that the model remembers what the screen shows."""
+    block = model.config.block_size
+    limit = block - answer_room(block, config["max_new_tokens"])
+    alone = len(chat.encode_prompt(text))
+    if alone > limit:
+        print(f"(message not sent: {alone} tokens with the chat tags, and this model's "
+              f"{block}-token context holds {limit} before the reply; shorten it)", file=sys.stderr)
+        return messages
+    messages = messages + [{"role": "user", "content": text}]
+    prompt = chat.encode_prompt(messages)
+    while len(prompt) > block // 2 and len(messages) > 1:  # forget the oldest turns
+        messages = messages[2:]
+        prompt = chat.encode_prompt(messages)
+    sys.stdout.write("assistant> ")
+    printer = Printer()
+    try:
+        out = respond(model, [prompt], config, rules, device, dtype, stream=printer)[0]
+    except KeyboardInterrupt:
+        out = printer.tokens
+        print("\n(reply stopped; the part shown stays in the conversation)", file=sys.stderr)
+    return messages + [{"role": "assistant", "content": chat.decode(out)}]
+
+
+# ---------------------------------------------------------------------------------------------------- main
 
 def main(argv):
-    config = parse_flags(DEFAULTS, argv, __doc__)
+    config = check_flags(parse_flags(DEFAULTS, argv, __doc__), argv)
     rules = parse_rules(config["rules"], eos_hold=config["eos_hold"], response_only=config["response_only"],
                         what_bias=config["what_bias"])
     use_threads(config["threads"])
@@ -125,14 +297,14 @@ def main(argv):
     dtype = pick_dtype(device, config["dtype"])
     if not (config["prompt"] or config["instructions"] or (sys.stdin.isatty() and sys.stdout.isatty())):
         raise ValueError('nothing to answer: give --prompt="..." or --instructions=FILE (or run in a terminal to chat)')
-    if config["instructions"]:
-        chat.read_instructions(config["instructions"])  # a bad file fails now, before a model download
+    if config["instructions"]:  # the files are checked before the model loads
+        job = read_file_job(config)
     t0 = time.time()
     model = GPT.from_pretrained(config["init_from"]).to(device).eval()
     print(f"loaded {config['init_from']} ({model.num_params() / 1e6:.0f}M parameters) on {device} in {dtype} "
           f"in {time.time() - t0:.1f}s; rules: {config['rules']}", file=sys.stderr)
     if config["instructions"]:
-        return answer_file(model, config, rules, device, dtype)
+        return answer_file(model, config, rules, device, dtype, *job)
     if not config["prompt"]:
         return interactive(model, config, rules, device, dtype)
     prompt = chat.encode(config["prompt"]) if config["raw"] else chat.encode_prompt(config["prompt"])
@@ -144,7 +316,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests and evaluate.py import this file
     try:
         main(sys.argv[1:])
     except (ValueError, OSError) as e:  # bad flags, files or downloads: one line, no traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside answer_file and chat replies: nothing to keep
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.code)

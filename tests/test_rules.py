@@ -171,7 +171,7 @@ def sample(*args):
 def test_sample_cli_end_to_end(small_hf, tmp_path):
     _, directory = small_hf
     r = sample(f"--init_from={directory}", "--rules", "--prompt=Write a poem called Rain", "--max_new_tokens=12")
-    assert r.returncode == 0 and "rules: True" in r.stderr, r.stderr
+    assert r.returncode == 0 and "rules: all" in r.stderr, r.stderr
     plain = sample(f"--init_from={directory}", "--prompt=Write a poem called Rain", "--max_new_tokens=12")
     ids = chat.encode_prompt("Write a poem called Rain")
     model = GPT.from_pretrained(directory).eval()
