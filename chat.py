@@ -23,12 +23,14 @@ text, never the special token.
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
 import tiktoken
 from tqdm import tqdm
 
+ROOT = Path(__file__).resolve().parent  # the repository: prepared data lives in data/<name>/
 EOT = 50256  # <|endoftext|>
 ROLES = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 _encoding = None
@@ -338,6 +340,32 @@ def prepare_command(main, doc, default_dir):
         main(Path(argv[0].removeprefix("--out_dir=")) if argv else Path(default_dir))
     except (ValueError, OSError, KeyError) as e:  # KeyError: a file without a field it must have
         sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------- prepared data sets, by name
+
+def data_files(name):
+    """(train, val) paths for --data: a JSONL path (no val split), or a prepared name, prepared on first use
+    by running data/<name>/prepare.py (which may download). X_responses (and X_anything) lives beside X."""
+    if name.endswith(".jsonl"):
+        return Path(name), None
+    base = name.split("_")[0]
+    train, val = ROOT / "data" / base / f"{name}_train.jsonl", ROOT / "data" / base / f"{name}_val.jsonl"
+    prepare_data(base, train)
+    if not train.is_file():
+        known = sorted(p.name.removesuffix("_train.jsonl") for p in (ROOT / "data").glob("*/*_train.jsonl"))
+        known += [p.parent.name for p in (ROOT / "data").glob("*/prepare.py") if p.parent.name not in known]
+        raise ValueError(f"--data={name}: unknown data name and not a .jsonl file (known: {', '.join(sorted(set(known)))})")
+    return train, val if val.is_file() else None
+
+
+def prepare_data(name, path):
+    """If `path` is missing, run data/<name>/prepare.py, which writes it (and may download)."""
+    prepare = ROOT / "data" / name / "prepare.py"
+    if not path.is_file() and prepare.is_file():
+        print(f"{path.relative_to(ROOT)} is missing: running {prepare.relative_to(ROOT)}", file=sys.stderr)
+        if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
+            raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
 
 
 def describe(name, conversations, block_size=1024):

@@ -46,11 +46,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
+from checkpoint import progress
+from cli import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, pyplot, read_toml, use_threads
 from model import EOT, GPT, varying_lengths
-from rules import RuleState, parse_rules, product_of_experts
-from sample import respond
-from train import (DEVICE_FLAGS, autocast, data_files, parse_flags, pick_device, pick_dtype, prepare_data, progress,
-                   pyplot, read_toml, use_threads)
+from rules import RuleState, parse_rules, product_of_experts, respond
 
 ROOT = Path(__file__).resolve().parent
 WORLD = ROOT / "data" / "tinyworld"
@@ -308,7 +307,7 @@ def ranking_set(config, rows):
     path = config["ranking_set"]
     if not path and config["compare"]:
         path = ROOT / "data" / "alpaca" / "alpaca.jsonl"
-        prepare_data("alpaca", path)
+        chat.prepare_data("alpaca", path)
     if not path:
         return [r for r in rows if r["reference"] is not None], config["eval_set"]
     return [r for r in chat.read_instructions(path) if r["reference"] is not None], str(path)
@@ -388,10 +387,10 @@ def similarity(config, device, dtype):
     for task, path in paths.items():  # before anything is downloaded
         if not path.is_file():
             raise OSError(f"{path}: no answers of the {task}-tuned model; run python evaluate.py --compare first")
-    groups = {"reference": [c[1]["content"] for c in chat.read_conversations(data_files(config["instruction_data"])[0])]}
+    groups = {"reference": [c[1]["content"] for c in chat.read_conversations(chat.data_files(config["instruction_data"])[0])]}
     for task, path in paths.items():
         answers = json.loads(path.read_text(encoding="utf-8"))
-        finetuning = chat.read_conversations(data_files(config["task_data"] or task)[0])
+        finetuning = chat.read_conversations(chat.data_files(config["task_data"] or task)[0])
         groups |= {(task, "asked"): [a["instruction"] for a in answers], (task, "answered"): [a["output"] for a in answers],
                    (task, "task_asked"): [c[0]["content"] for c in finetuning],
                    (task, "task_answered"): [c[1]["content"] for c in finetuning]}
@@ -595,7 +594,7 @@ def tinyworld(config, device, dtype):
     if not seeds:
         raise ValueError("--seeds: expected at least one seed, e.g. --seeds='1 2 3'")
     path = WORLD / f"{config['split']}.jsonl"
-    prepare_data("tinyworld", path)
+    chat.prepare_data("tinyworld", path)
     rows = [row for _, row in chat.json_lines(*chat.read_bytes(path))]
     if config["out_dir"] == DEFAULTS["out_dir"][0]:
         config = {**config, "out_dir": "out/tinyworld"}

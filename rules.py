@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cli import autocast
+
 EOT = 50256  # <|endoftext|>, GPT-2's end of sequence
 VOCAB = 50257
 USER_TAG = [27, 91, 7220, 91, 29]  # "<|user|>" in GPT-2 tokens
@@ -87,10 +89,12 @@ def uniform_bias(rules):
 # ----------------------------------------------------------------------------------- the rules, from scratch
 
 def eos_bias(n, rules):
-    """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token."""
-    if 0 < n < 250:
-        return 15 * n / 250
-    return 15.0 if rules.eos_hold and n >= 250 else 0.0
+    """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token; from 250
+    on 0 (the official code), or 15 with rules.eos_hold. n is a count, or a tensor of counts (RuleState passes
+    one per sequence of its batch): the same arithmetic serves both."""
+    ramping = (0 < n) & (n < 250)  # a bool, or a bool tensor
+    held = (n >= 250) & rules.eos_hold
+    return ramping * (15 * n / 250) + held * 15.0
 
 
 def after_user_tag(ids):
@@ -124,7 +128,7 @@ class RuleState:
 
     def __init__(self, prompts, rules, device="cpu"):
         self.rules, B = rules, len(prompts)
-        self.n = torch.zeros(B, device=device)  # response tokens generated so far
+        self.n = torch.zeros(B, dtype=torch.long, device=device)  # response tokens generated so far
         self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)  # ids the diversity rule penalizes
         if not rules.response_only:
             for b, prompt in enumerate(prompts):
@@ -141,10 +145,7 @@ class RuleState:
     def scores(self):
         bias = torch.zeros_like(self.seen, dtype=torch.float32)  # (B, V)
         if self.rules.eos:
-            ramp = torch.where((self.n > 0) & (self.n < 250), 15 * self.n / 250, 0.0)
-            if self.rules.eos_hold:
-                ramp = torch.where(self.n >= 250, 15.0, ramp)
-            bias[:, EOT] += ramp
+            bias[:, EOT] += eos_bias(self.n, self.rules)  # the exercise's function, on the whole batch at once
         if self.rules.diversity:
             bias -= 1.5 * self.seen
         if self.uniform is not None:
@@ -164,6 +165,19 @@ def product_of_experts(logits, rule_scores):
     return F.log_softmax(F.log_softmax(logits.float(), dim=-1) + F.log_softmax(rule_scores, dim=-1), dim=-1)
 
 
+def respond(model, prompts, config, rules, device, dtype, stream=None):
+    """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a Rules, or None for
+    plain GPT-2) as its per-step hook; `config` holds sample.py's decoding flags. stream(token), if given, sees
+    each token of the first prompt's answer as it comes."""
+    hook = RuleState(prompts, rules, device) if rules else None
+    generator = torch.Generator(device).manual_seed(config["seed"])
+    callback = (lambda logprobs, tokens: stream(int(tokens[0]))) if stream else None
+    with autocast(device, dtype):
+        return model.generate(prompts, config["max_new_tokens"], greedy=config["greedy"],
+                              temperature=config["temperature"], top_k=config["top_k"] or None, top_p=config["top_p"],
+                              hook=hook, callback=callback, generator=generator)
+
+
 # -------------------------------------------------------------------------------------- the README's figure
 
 def explain(instruction, response, rules=Rules(), path="rules.png"):
@@ -181,7 +195,7 @@ def explain(instruction, response, rules=Rules(), path="rules.png"):
     print(f"{'step':>4}  {'token':<14} {'diversity':>9} {'uniform':>9}   EOS bias (on <|endoftext|>)")
     for step, text, diversity, uniform, eos in rows:
         print(f"{step:>4}  {text!r:<14} {diversity:>+9.2f} {uniform:>+9.2f}   {eos:+.2f}")
-    from train import pyplot
+    from cli import pyplot
     plt = pyplot(path)
     if plt is None:
         return

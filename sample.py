@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import chat
+from cli import DEVICE_FLAGS, parse_flags, pick_device, pick_dtype, use_threads
 from model import GPT
-from rules import RuleState, parse_rules
-from train import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, use_threads
+from rules import parse_rules, respond
 
 # ----------------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
@@ -96,17 +95,6 @@ def check_flags(config, argv):
     if config["rules"].lower() == "true":  # a bare --rules: say which rules, in the header and the generator name
         config = {**config, "rules": "all"}
     return config
-
-
-def respond(model, prompts, config, rules, device, dtype, stream=None):
-    """New tokens for each prompt (lists of token ids), with the rules as a per-step hook when on."""
-    hook = RuleState(prompts, rules, device) if rules else None
-    generator = torch.Generator(device).manual_seed(config["seed"])
-    callback = (lambda logprobs, tokens: stream(int(tokens[0]))) if stream else None
-    with autocast(device, dtype):
-        return model.generate(prompts, config["max_new_tokens"], greedy=config["greedy"],
-                              temperature=config["temperature"], top_k=config["top_k"] or None, top_p=config["top_p"],
-                              hook=hook, callback=callback, generator=generator)
 
 
 def answer_room(block_size, max_new_tokens):
@@ -316,7 +304,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests and evaluate.py import this file
+    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests import this file
     try:
         main(sys.argv[1:])
     except (ValueError, OSError) as e:  # bad flags, files or downloads: one line, no traceback

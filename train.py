@@ -18,13 +18,9 @@ log.jsonl and loss.png.
 import json
 import math
 import os
-import pickle
-import shutil
 import signal
-import subprocess
 import sys
 import time
-import tomllib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,6 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
+from checkpoint import RUN_FILES, holds_run, load_checkpoint, progress, save_run
+from cli import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, pyplot, use_threads
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -41,12 +39,6 @@ ROOT = Path(__file__).resolve().parent
 # The default run is response tuning of gpt2 on Dolly (open, ungated). Hyperparameters follow the paper
 # (AdamW, no weight decay, linear warmup then linear decay as in open-instruct, 64 sequences per step)
 # adapted to GPT-2: lr 5e-5 instead of the 7B model's 1e-5, since small models need larger steps.
-DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and evaluate.py all take these
-    "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
-    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those"),
-    "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for tiny models on a busy "
-                   "machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s with 2 while the other core is busy)"),
-}
 DEFAULTS = {
     "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory or .safetensors file, 'scratch', or 'resume'"),
     "data": ("dolly_responses", "a JSONL file of conversations ({'messages'}) or of documents to pretrain on "
@@ -87,140 +79,7 @@ EXAMPLES = ["Give me a recipe for tiramisu.",  # held-out instructions for the b
 # ---------------------------------------------------------------------------------------------------------
 
 
-def parse_flags(defaults, argv, doc):
-    """nanoGPT's configuration without exec: an optional TOML file, then --key=value flags, each parsed as the
-    type of its default (a bare --flag means True). --help prints every flag with its default."""
-    config = {key: value for key, (value, _) in defaults.items()}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            lines = [doc.strip(), "", "flags, with their defaults:"]
-            lines += [f"  {f'--{key}={value}':<30} {text}" for key, (value, text) in defaults.items()]
-            try:
-                print("\n".join(lines))
-            except BrokenPipeError:  # --help | head
-                pass
-            sys.exit(0)
-        if arg.endswith(".toml") and not arg.startswith("--"):
-            for key, value in read_toml(arg).items():
-                if key not in config:
-                    raise ValueError(f"{arg}: unknown key '{key}' (see --help)")
-                config[key] = convert(f"{arg}: {key}", str(value), type(config[key]))
-            continue
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in config:
-            raise ValueError(f"unknown argument {arg!r} (see --help)")
-        config[key] = convert(f"--{key}", value if eq else "True", type(config[key]))
-    return config
-
-
-def read_toml(path):
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def convert(where, value, kind):
-    if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{where}={value}: expected true or false")
-        return value.lower() in ("true", "1")
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"{where}={value}: expected {kind.__name__}") from None
-
-
-# ------------------------------------------------------------------------ device, precision and plots
-
-def use_threads(n):
-    """--threads: how many CPU threads PyTorch's operations use (0: leave PyTorch's default)."""
-    if n < 0:
-        raise ValueError(f"--threads={n}: expected 0 (the default) or more")
-    if n:
-        torch.set_num_threads(n)
-
-
-def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; anything else must be a device this machine has."""
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device={name}: not a device (cpu, cuda, cuda:1, mps, or auto)") from None
-        available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-        if not available.get(device.type, False):
-            raise ValueError(f"--device={name}: this machine has no {device.type} device")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(device, name="auto"):
-    """'auto': bfloat16 autocast on CUDA where supported, else float16 (with a GradScaler when training),
-    float32 on CPU and MPS."""
-    if name != "auto":
-        if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def autocast(device, dtype):
-    """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in float32."""
-    if dtype == "float32":
-        return torch.autocast(device_type=device.split(":")[0], enabled=False)
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-def pyplot(what):
-    """matplotlib's pyplot, drawing to files, or None with a note on how to get `what` (it is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print(f"(pip install matplotlib to get {what})", file=sys.stderr)
-        return None
-
-
 # --------------------------------------------------------------------------------------------------- data
-
-def data_files(name):
-    """(train, val) paths for --data: a JSONL path (no val split), or a prepared name, prepared on first use
-    by running data/<name>/prepare.py (which may download). X_responses (and X_anything) lives beside X."""
-    if name.endswith(".jsonl"):
-        return Path(name), None
-    base = name.split("_")[0]
-    train, val = ROOT / "data" / base / f"{name}_train.jsonl", ROOT / "data" / base / f"{name}_val.jsonl"
-    prepare_data(base, train)
-    if not train.is_file():
-        known = sorted(p.name.removesuffix("_train.jsonl") for p in (ROOT / "data").glob("*/*_train.jsonl"))
-        known += [p.parent.name for p in (ROOT / "data").glob("*/prepare.py") if p.parent.name not in known]
-        raise ValueError(f"--data={name}: unknown data name and not a .jsonl file (known: {', '.join(sorted(set(known)))})")
-    return train, val if val.is_file() else None
-
-
-def prepare_data(name, path):
-    """If `path` is missing, run data/<name>/prepare.py, which writes it (and may download)."""
-    prepare = ROOT / "data" / name / "prepare.py"
-    if not path.is_file() and prepare.is_file():
-        print(f"{path.relative_to(ROOT)} is missing: running {prepare.relative_to(ROOT)}", file=sys.stderr)
-        if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
-            raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
-
 
 def read_examples(path, block_size):
     """(examples, truncated) from a JSONL file: conversations (loss on the responses) or documents (pretraining:
@@ -334,7 +193,7 @@ def get_lr(step, max_iters, config):
 # ------------------------------------------------------------------------------------ evaluation and output
 
 @torch.no_grad()
-def evaluate(model, examples, config, device, dtype):
+def val_loss(model, examples, config, device, dtype):
     """The validation loss, weighted as training weighs it (--loss): the mean over sequences of each one's mean
     token loss, or the mean over all tokens."""
     model.eval()
@@ -363,36 +222,7 @@ def show_examples(model, title, n, device, dtype):
         print(f"<|user|> {q}\n<|assistant|> {chat.decode(out).strip()}{'' if out[-1:] == [chat.EOT] else ' [...]'}\n")
 
 
-def save_checkpoint(state, path):
-    """torch.save to a temp file, then rename: a crash or SIGKILL mid-write leaves the old checkpoint whole."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------ the run directory
-
-def progress(out_dir):
-    """{"step", "max_iters", "finished", "init_from", "data"} of the run in out_dir (progress.json, written with
-    every checkpoint), or None if out_dir holds no run of train.py. A run is finished when its last step is its
-    max_iters; init_from is the model it started from (kept through resumes)."""
-    path = Path(out_dir) / "progress.json"
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-        return {"step": int(state["step"]), "max_iters": int(state["max_iters"]), "finished": bool(state["finished"]),
-                "init_from": str(state.get("init_from", "")), "data": str(state.get("data", ""))}
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path}: not a progress file of train.py (delete it, or the run)") from None
-
-
-RUN_FILES = ("ckpt.pt", "progress.json", "log.jsonl", "config.json", "model.safetensors", "loss.png")
-
-
-def holds_run(out_dir):
-    return any((Path(out_dir) / name).exists() for name in ("ckpt.pt", "progress.json", "log.jsonl"))
-
 
 def take_lock(out_dir):
     """One train.py per out_dir: create out_dir/train.lock holding our pid, or refuse if a live process holds it.
@@ -422,28 +252,6 @@ def pid_alive(pid):
     except PermissionError:  # alive, another user's
         return True
     return True
-
-
-def save_run(out_dir, model, state, finished):
-    """Write a checkpoint: ckpt.pt (to resume), the HF export (config.json + model.safetensors) and progress.json,
-    all from the same step. Everything is written into out_dir/.saving first; only when all of it is on disk
-    are the files moved in, ckpt.pt first, so a full disk or a kill leaves the previous step's files whole and
-    never a newer export beside an older ckpt.pt."""
-    out_dir, staging = Path(out_dir), Path(out_dir) / ".saving"
-    try:
-        staging.mkdir(exist_ok=True)
-        model.save_pretrained(staging)
-        save_checkpoint(state, staging / "ckpt.pt")
-        chat.write_atomic(staging / "progress.json", json.dumps(
-            {"step": state["step"], "max_iters": state["max_iters"], "finished": finished,
-             "init_from": state["origin"], "data": state["config"]["data"]}))
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({e.strerror or e}); "
-                      f"the previous checkpoint is intact") from None
-    for name in ("ckpt.pt", "config.json", "model.safetensors", "progress.json"):
-        os.replace(staging / name, out_dir / name)
-    staging.rmdir()
 
 
 def plot_losses(log, path):
@@ -488,23 +296,6 @@ def check_flags(config):
     if not 0 <= config["learning_rate"] < float("inf") or not 0 <= config["warmup_ratio"] <= 1:
         raise ValueError(f"--learning_rate={config['learning_rate']}, --warmup_ratio={config['warmup_ratio']}: "
                          "expected a finite learning rate >= 0 and a ratio in [0, 1]")
-
-
-def load_checkpoint(path):
-    """ckpt.pt of a run, loaded without pickle's code execution (weights_only); a file that is not one of
-    train.py's checkpoints (truncated, random bytes, another program's) is one line."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # a truncated, random or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ValueError(f"{path}: not a readable checkpoint of train.py ({first})") from None
-    keys = {"model", "model_config", "optimizer", "scaler", "config", "step", "log", "rng"}
-    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
-        raise ValueError(f"{path}: not a checkpoint of train.py (missing {sorted(keys - set(ckpt or {}))[:3]})")
-    bad = [k for k, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{path}: tensor '{bad[0]}' holds NaN or Inf; resume from an earlier run instead")
-    return ckpt
 
 
 def resumed_config(config, ckpt, argv, out_dir):
@@ -568,16 +359,13 @@ def main(argv):
             lock.unlink(missing_ok=True)
 
 
-def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
-    """The run itself: data, model, optimizer, the training loop. Returns the exit status: 0, or 128 + the
-    signal that stopped it (130 for Ctrl-C, 143 for SIGTERM), so that scripts can tell a stopped run."""
-    resume, master = ckpt is not None, rank == 0
-    origin = ckpt.get("origin", "") if resume else config["init_from"]  # the model the run started from
-    say = print if master else (lambda *a, **k: None)
+def set_up(config, ckpt, out_dir, device, dtype, world, say):
+    """Everything the training loop works on: (train examples, val examples, max_iters, model, optimizer, scaler,
+    step, log), at step 0, or where the checkpoint `ckpt` of a resumed run left off (weights, optimizer, RNG)."""
     torch.manual_seed(config["seed"])
 
     # data: conversations -> chat format -> tokens + loss mask
-    train_path, val_path = data_files(config["data"])
+    train_path, val_path = chat.data_files(config["data"])
     val_path = Path(config["val_data"]) if config["val_data"] else val_path
     train, truncated = read_examples(train_path, config["block_size"])
     val = read_examples(val_path, config["block_size"])[0] if val_path else []
@@ -585,34 +373,17 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
         f"{config['block_size']} tokens), {len(val)} for validation" + ("" if val else " (no val split: no eval loss)"))
     per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
     max_iters = config["max_iters"] or math.ceil(config["epochs"] * len(train) / per_step)
-    if resume and max_iters < ckpt["step"]:
+    if ckpt is not None and max_iters < ckpt["step"]:
         raise ValueError(f"--max_iters={max_iters}: {out_dir} is already at step {ckpt['step']}")
 
-    # model
-    if resume or config["init_from"] == "scratch":
-        shape = ckpt["model_config"] if resume else dict(n_layer=config["n_layer"], n_head=config["n_head"],
-                                                          n_embd=config["n_embd"], block_size=config["block_size"],
-                                                          **vocabulary(config["vocab"]))
-        model = GPT(GPTConfig(**{**shape, "dropout": config["dropout"]}))
-        if resume:
-            model.load_state_dict(ckpt["model"])
-    else:
-        model = GPT.from_pretrained(config["init_from"], dropout=config["dropout"])
-    if config["block_size"] > model.config.block_size:
-        raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
-    for path, examples in ((train_path, train), (val_path, val)):  # a restricted vocabulary must cover the data
-        unknown = model.unknown(sorted({t for ids, _ in examples for t in ids}))
-        if unknown:
-            raise ValueError(f"{path}: {len(unknown)} token ids outside the model's vocabulary, e.g. "
-                             f"{unknown[:5]} ({chat.decode(unknown[:5])!r})")
-    model.to(device)
+    model = build_model(config, ckpt, [(train_path, train), (val_path, val)]).to(device)
     say(f"model: {config['init_from']}, {model.num_params() / 1e6:.1f}M parameters, on {device} in {dtype}, "
         f"{world} process{'es' if world > 1 else ''}; {max_iters} step{'s' if max_iters != 1 else ''} of {per_step} sequences")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config["weight_decay"], fused=device.startswith("cuda"))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     step, log = 0, []
-    if resume:
+    if ckpt is not None:  # the RNG last: building the model above drew from it
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, log = ckpt["step"], ckpt["log"]
@@ -620,16 +391,49 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
         if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         say(f"resuming {out_dir} at step {step}")
-    elif master:
-        show_examples(model, "before training", config["show_examples"], device, dtype)
-    raw_model = model
-    if config["compile"]:
-        model = torch.compile(model)
+    return train, val, max_iters, model, optimizer, scaler, step, log
+
+
+def build_model(config, ckpt, datasets):
+    """The model to train: the checkpoint's (resume), a new one (scratch), or a pretrained one (GPT-2, an HF
+    directory, ...). Refused if --block_size exceeds its context or the data has ids outside its vocabulary."""
+    if ckpt is not None or config["init_from"] == "scratch":
+        shape = ckpt["model_config"] if ckpt is not None else dict(
+            n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+            block_size=config["block_size"], **vocabulary(config["vocab"]))
+        model = GPT(GPTConfig(**{**shape, "dropout": config["dropout"]}))
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+    else:
+        model = GPT.from_pretrained(config["init_from"], dropout=config["dropout"])
+    if config["block_size"] > model.config.block_size:
+        raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
+    for path, examples in datasets:  # a restricted vocabulary must cover the data
+        unknown = model.unknown(sorted({t for ids, _ in examples for t in ids}))
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} token ids outside the model's vocabulary, e.g. "
+                             f"{unknown[:5]} ({chat.decode(unknown[:5])!r})")
+    return model
+
+
+def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
+    """The run itself: set_up (data, model, optimizer, where a resumed run stopped), then the training loop.
+    Returns the exit status: 0, or 128 + the signal that stopped it (130 for Ctrl-C, 143 for SIGTERM), so that
+    scripts can tell a stopped run."""
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    train, val, max_iters, raw_model, optimizer, scaler, step, log = set_up(config, ckpt, out_dir, device, dtype,
+                                                                            world, say)
+    if ckpt is None and master:
+        show_examples(raw_model, "before training", config["show_examples"], device, dtype)
+    model = torch.compile(raw_model) if config["compile"] else raw_model  # raw_model: what is saved and evaluated
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     if master:
         with open(out_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history when resuming
             f.writelines(json.dumps(r) + "\n" for r in log)
+    origin = ckpt.get("origin", "") if ckpt is not None else config["init_from"]  # the model the run started from
+    per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
 
     def checkpoint():
         model_config = {k: v for k, v in vars(raw_model.config).items() if k != "dropout"}
@@ -642,54 +446,23 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
     stop = []  # Ctrl-C (or SIGTERM) finishes the current step, checkpoints and exits; resume continues exactly
     signal.signal(signal.SIGINT, lambda signum, _: stop.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, _: stop.append(signum))
-
     peak = peak_flops(device)
     flops_per_token = 6 * raw_model.num_params()  # forward + backward (PaLM, appendix B)
-    saved = step if resume else None  # the step of the last checkpoint written
+    saved, first_step = (step if ckpt is not None else None), step  # saved: the step of the last checkpoint written
     model.train()
     bar = tqdm(total=max_iters, initial=step, desc="training", disable=not master, dynamic_ncols=True)
-    first_step = step
     while step < max_iters and not stop:
         t0 = time.time()
         lr = get_lr(step, max_iters, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = micro_batches(train, step, config, rank, world)
-        batches = [collate(b, device, config["block_size"]) for b in examples]
-        # each sequence (--loss=example) or each trained token (--loss=token) of the step weighs the same,
-        # whichever micro-batch or process it is in
-        n_tokens = torch.tensor(float(sum(t != -1 for b in examples for _, targets in b for t in targets)), device=device)
+        step_loss = forward_backward(model, raw_model, scaler, examples, config, device, dtype, ddp, world)
         if ddp:
-            torch.distributed.all_reduce(n_tokens)
-        step_loss = torch.zeros((), device=device)
-        for m, (x, y) in enumerate(batches):
-            sync = not ddp or m == len(batches) - 1  # DDP averages gradients only on the last micro-batch
-            with autocast(device, dtype), (nullcontext() if sync else model.no_sync()):
-                logits, _ = model(x)
-                y = raw_model.rows(y)  # the targets' rows of lm_head (the ids themselves for GPT-2)
-                loss = weighted_loss(logits, y, loss_weights(y, config["loss"], per_step, n_tokens))
-            step_loss += loss.detach()
-            scaler.scale(loss * world).backward()  # * world: DDP divides the summed gradients by world
-        if ddp:
-            torch.distributed.all_reduce(step_loss)
-            stopping = torch.tensor(float(bool(stop)), device=device)  # all processes stop at the same step
-            torch.distributed.all_reduce(stopping, op=torch.distributed.ReduceOp.MAX)
-            if stopping.item() and not stop:
-                stop.append(signal.SIGTERM)
+            agree_to_stop(stop, device)
         if not torch.isfinite(step_loss):
-            last = f"{out_dir / 'ckpt.pt'} (step {saved})" if saved is not None else "none yet"
-            bad = next((n for n, p in raw_model.named_parameters() if not torch.isfinite(p).all()), None)
-            cause = ("Try a lower --learning_rate" if bad is None else f"The weights were not finite ({bad}) when "
-                     "loaded" if step == first_step else f"An earlier update made the weights infinite ({bad}): try a "
-                     "lower --learning_rate")
-            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; stopping. Last good checkpoint: "
-                                     f"{last}. {cause}.")
-        if config["grad_clip"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            raise diverged(step_loss, raw_model, step, step == first_step, out_dir, saved)
+        update(model, optimizer, scaler, config["grad_clip"])
         step += 1
         tokens_per_s = sum(len(ids) for b in examples for ids, _ in b) * world / (time.time() - t0)  # real tokens
         log.append({"step": step, "loss": round(step_loss.item(), 6), "lr": lr, "tokens_per_s": round(tokens_per_s)})
@@ -698,7 +471,7 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
         bar.update()
         if master and (step % config["eval_interval"] == 0 or step == max_iters or stop):
             if val:
-                log[-1]["val_loss"] = round(evaluate(raw_model, val, config, device, dtype), 6)
+                log[-1]["val_loss"] = round(val_loss(raw_model, val, config, device, dtype), 6)
                 bar.write(f"step {step}: train loss {step_loss.item():.4f}, val loss {log[-1]['val_loss']:.4f}")
             checkpoint()
             saved = step
@@ -706,6 +479,66 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(log[-1]) + "\n")
     bar.close()
+    return finish(raw_model, log, stop, step, out_dir, config, device, dtype, ddp, master)
+
+
+def forward_backward(model, raw_model, scaler, examples, config, device, dtype, ddp, world):
+    """Accumulate the gradients of one optimizer step over its micro-batches `examples`; returns the step's loss
+    (summed over the processes with DDP)."""
+    batches = [collate(b, device, config["block_size"]) for b in examples]
+    # each sequence (--loss=example) or each trained token (--loss=token) of the step weighs the same,
+    # whichever micro-batch or process it is in
+    per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
+    n_tokens = torch.tensor(float(sum(t != -1 for b in examples for _, targets in b for t in targets)), device=device)
+    if ddp:
+        torch.distributed.all_reduce(n_tokens)
+    step_loss = torch.zeros((), device=device)
+    for m, (x, y) in enumerate(batches):
+        sync = not ddp or m == len(batches) - 1  # DDP averages gradients only on the last micro-batch
+        with autocast(device, dtype), (nullcontext() if sync else model.no_sync()):
+            logits, _ = model(x)
+            y = raw_model.rows(y)  # the targets' rows of lm_head (the ids themselves for GPT-2)
+            loss = weighted_loss(logits, y, loss_weights(y, config["loss"], per_step, n_tokens))
+        step_loss += loss.detach()
+        scaler.scale(loss * world).backward()  # * world: DDP divides the summed gradients by world
+    if ddp:
+        torch.distributed.all_reduce(step_loss)
+    return step_loss
+
+
+def agree_to_stop(stop, device):
+    """With DDP, a signal reaches the processes at different steps: all stop at the first step any has seen one."""
+    stopping = torch.tensor(float(bool(stop)), device=device)
+    torch.distributed.all_reduce(stopping, op=torch.distributed.ReduceOp.MAX)
+    if stopping.item() and not stop:
+        stop.append(signal.SIGTERM)
+
+
+def diverged(step_loss, model, step, first, out_dir, saved):
+    """The error for a loss that is NaN or Inf at `step`: where the last good checkpoint is, and a likely cause
+    (`first`: it happened on the run's first step, so the weights may have come in broken)."""
+    last = f"{out_dir / 'ckpt.pt'} (step {saved})" if saved is not None else "none yet"
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    cause = ("Try a lower --learning_rate" if bad is None else f"The weights were not finite ({bad}) when "
+             "loaded" if first else f"An earlier update made the weights infinite ({bad}): try a "
+             "lower --learning_rate")
+    return FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; stopping. Last good checkpoint: "
+                              f"{last}. {cause}.")
+
+
+def update(model, optimizer, scaler, grad_clip):
+    """The optimizer step on the accumulated gradients, clipped to norm grad_clip (0: not clipped)."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finish(model, log, stop, step, out_dir, config, device, dtype, ddp, master):
+    """After the loop: leave DDP; on the master, say how the run ended and, if it finished, plot the losses and
+    answer the example instructions again. Returns the exit status."""
     if ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -717,8 +550,9 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
     if device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     plot_losses(log, out_dir / "loss.png")
-    show_examples(raw_model, "after training", config["show_examples"], device, dtype)
+    show_examples(model, "after training", config["show_examples"], device, dtype)
     print(f"done: {out_dir}/ holds the HF-format model; try python sample.py --init_from={out_dir} --prompt=\"...\"")
+    return 0
 
 
 if __name__ == "__main__":

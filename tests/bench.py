@@ -25,7 +25,7 @@ def gpt2_pair(seed=0):
     hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.1)).eval()
     ours = GPT(GPTConfig()).eval()
     sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
-    from model import load_hf_state_dict
+    from checkpoint import load_hf_state_dict
     load_hf_state_dict(ours, sd, "hf")
     return ours, hf
 
@@ -132,6 +132,7 @@ def bench_train_step(name, device, T=1024, per_step=64, compile=False, steps=3):
     """One optimizer step of 64 sequences of T tokens as train.py takes it (bf16 autocast, fused AdamW, the
     example-weighted loss), with the largest micro-batch that fits: tokens/s, MFU (6N flops a token, as
     train.py reports it), peak memory."""
+    import cli
     import train
     n_layer, n_head, n_embd = SHAPES[name]
 
@@ -145,7 +146,7 @@ def bench_train_step(name, device, T=1024, per_step=64, compile=False, steps=3):
 
         def step():
             for _ in range(per_step // micro):
-                with train.autocast(device, "bfloat16"):
+                with cli.autocast(device, "bfloat16"):
                     logits, _ = run(x)
                     loss = train.weighted_loss(logits, y, w)
                 loss.backward()
@@ -172,7 +173,7 @@ def bench_train_step(name, device, T=1024, per_step=64, compile=False, steps=3):
 @torch.no_grad()
 def bench_decode(device, new_tokens=256):
     """Greedy decoding in bf16 autocast, ours vs HF generate on the same random gpt2 weights."""
-    import train
+    import cli
     ours, hf = gpt2_pair()
     ours, hf = ours.to(device), hf.to(device)
     g = torch.Generator().manual_seed(0)
@@ -180,7 +181,7 @@ def bench_decode(device, new_tokens=256):
     for batch in (1, 8, 64):
         prompts = [torch.randint(0, 50257, (32,), generator=g).tolist() for _ in range(batch)]
         x = torch.tensor(prompts, device=device)
-        with train.autocast(device, "bfloat16"):
+        with cli.autocast(device, "bfloat16"):
             ours_fn = lambda: ours.generate(prompts, new_tokens, greedy=True, eos=None)  # noqa: E731
             hf_fn = lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,  # noqa: E731
                                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
@@ -194,15 +195,15 @@ def bench_decode(device, new_tokens=256):
 def bench_evaluation(device, n_prompts=50):
     """What evaluate.py costs with gpt2: generating to the end of the context (a model that never stops, the
     worst case) at batch 8, against the 512-token limit; and scoring the ranking's responses, batched."""
+    import cli
     import evaluate
-    import train
     from rules import Rules
     ours, _ = gpt2_pair()
     ours = ours.to(device)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50257, (int(n),), generator=g).tolist() for n in torch.randint(15, 60, (8,), generator=g)]
     out = {}
-    with train.autocast(device, "bfloat16"):
+    with cli.autocast(device, "bfloat16"):
         for limit in (512, 1024):
             t = cuda_time(lambda: ours.generate(prompts, limit, greedy=True, eos=None), device)
             out[f"generate_batch8_to_{limit}_s"] = t

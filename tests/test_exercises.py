@@ -1,9 +1,14 @@
-"""The checks of EXERCISES.md. Each check_* takes the function under exercise (by default the repository's own)
-and asserts what a right answer must do; test_* run them on the reference code, and test_wrong_* show that each
-check rejects a plausible wrong answer, so that a check cannot pass by accident.
+"""The checks of EXERCISES.md. Each check_<name>() reads the function under exercise from its module (rules,
+chat, evaluate or model) and asserts, over many inputs, the property a right answer must have, each compared with
+an independent statement of it; inputs are tried smallest first and from fixed seeds, so a failure names the
+smallest input it found and reproduces. test_<exercise> run them on the repository's code (each check takes the function, by default the module's);
+test_exercise_checks_catch_wrong_answers replaces each function with plausible wrong answers and a hard-coded one
+(the kind that passes a check of one fixed input) and asserts that its check fails.
 
-    python -m pytest tests/test_exercises.py -k eos      # after writing your own rules.eos_bias
+    python -m pytest tests/test_exercises.py -k eos_rule      # after writing your own rules.eos_bias
 """
+import copy
+import itertools
 import random
 
 import pytest
@@ -13,15 +18,48 @@ import chat
 import evaluate
 import model
 import rules
+from model import GPT
+
+
+def call(fn, *args, what, **kwargs):
+    """fn(*args): an exception inside the student's code becomes the check's failure, naming the input."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise AssertionError(f"{what} raised {type(e).__name__}: {e}") from e
 
 
 # 1. the EOS rule ------------------------------------------------------------------------------------------
 def check_eos_rule(eos_bias=None):
     eos_bias = eos_bias or rules.eos_bias
-    r = rules.Rules()
-    got = [eos_bias(n, r) for n in (0, 1, 2, 125, 249, 250, 251, 1000)]
-    want = [0.0, 0.06, 0.12, 7.5, 14.94, 0.0, 0.0, 0.0]
-    assert got == pytest.approx(want, abs=1e-9), f"EOS bias at n = 0, 1, 2, 125, 249, 250, 251, 1000: {got}"
+    for hold in (False, True):
+        r = rules.Rules(eos_hold=hold)
+        late = 15.0 if hold else 0.0  # from n = 250 on
+        for n in range(2001):  # every count, smallest first
+            # the property on its own terms: 0 at n = 0, a line of slope 15/250 while n < 250, then flat at `late`
+            want = 0.0 if n == 0 else n * (15 / 250) if n < 250 else late
+            got = call(eos_bias, n, r, what=f"eos_bias({n}, Rules(eos_hold={hold}))")
+            assert abs(float(got) - want) < 1e-9, (
+                f"eos_bias({n}, Rules(eos_hold={hold})) is {got!r}, expected {want:g} ({n} is the smallest count "
+                f"where it is wrong). The bias is 0 at n = 0, 15·n/250 while 0 < n < 250, and {late:g} from n = 250 "
+                f"on{' (eos_hold keeps it at 15)' if hold else ' (the official code drops it back to 0)'}.")
+        counts = torch.arange(2001)
+        got = call(eos_bias, counts, r, what=f"eos_bias(torch.arange(2001), Rules(eos_hold={hold})) (a tensor of counts)")
+        assert torch.is_tensor(got) and got.shape == counts.shape, (
+            f"eos_bias(torch.arange(2001), Rules(eos_hold={hold})) returned {type(got).__name__} "
+            f"{tuple(got.shape) if torch.is_tensor(got) else ''}, expected a tensor of 2001 biases, one per count: "
+            f"RuleState (what `sample.py --rules` runs) calls eos_bias with one count per sequence of its batch. "
+            f"Write it with comparisons and arithmetic that work on ints and tensors alike (no `if` on n).")
+        want = torch.tensor([float(eos_bias(n, r)) for n in range(2001)])
+        bad = (got.double() - want.double()).abs() > 1e-5
+        assert not bad.any(), (
+            f"eos_bias(torch.arange(2001), Rules(eos_hold={hold}))[{int(bad.nonzero()[0])}] is "
+            f"{float(got[bad][0])}, but eos_bias({int(bad.nonzero()[0])}) is {float(want[bad][0])}: on a tensor of "
+            f"counts it must give, count by count, what it gives for each int.")
+
+
+def test_eos_rule_ramps_linearly_then_stops():
+    check_eos_rule()
 
 
 # 2. the 15 uniform tokens in GPT-2's vocabulary ------------------------------------------------------------
@@ -40,128 +78,397 @@ def check_uniform_tokens(table=None):
         assert chat.tokenizer().decode([token]) == want, f"{piece!r}: id {token} is {chat.tokenizer().decode([token])!r}"
 
 
+def test_uniform_tokens_are_the_official_ones_in_gpt2():
+    check_uniform_tokens()
+
+
 # 3. mask the instruction out of the loss -------------------------------------------------------------------
+def masks_smallest_first():
+    """(ids, mask) pairs: every mask of up to 7 tokens, then random multi-turn masks (runs of 0s and 1s)."""
+    for length in range(1, 8):
+        for mask in itertools.product((0, 1), repeat=length):
+            yield list(range(100, 100 + length)), list(mask)  # distinct ids: a shift by one shows
+    rng = random.Random(3)
+    for _ in range(300):
+        mask = []
+        for _ in range(rng.randint(1, 6)):  # turns: an instruction run (0s), then a response run (1s)
+            mask += [0] * rng.randint(0, 8) + [1] * rng.randint(1, 8)
+        mask += [0] * rng.randint(0, 3)
+        yield [rng.randrange(50257) for _ in mask], mask
+
+
 def check_loss_targets(targets_from_mask=None):
     targets_from_mask = targets_from_mask or chat.targets_from_mask
-    ids, mask = chat.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
-    targets = targets_from_mask(ids, mask)
-    assert len(targets) == len(ids), "one target per input position"
-    trained = [t for t in targets if t != -1]
-    assert trained == chat.encode("Hello!") + [chat.EOT], "the response and <|endoftext|>, nothing else"
-    first = mask.index(1)
-    assert targets[first - 1] == ids[first], "position t predicts token t + 1"
+    for ids, mask in masks_smallest_first():
+        # position t predicts token t + 1, and is trained exactly when token t + 1 is (the last has no next token)
+        want = [ids[t + 1] if t + 1 < len(ids) and mask[t + 1] == 1 else -1 for t in range(len(ids))]
+        got = call(targets_from_mask, list(ids), list(mask), what=f"targets_from_mask({ids}, {mask})")
+        assert list(got) == want, (
+            f"targets_from_mask(ids={ids}, mask={mask}) is {list(got)}, expected {want}. Position t predicts "
+            f"token t + 1: targets[t] = ids[t + 1] where mask[t + 1] is 1, and -1 everywhere else, the last position "
+            f"included; one target per position.")
+    rng = random.Random(4)  # and on real conversations: the trained targets are the responses and their <|endoftext|>
+    for turns in range(1, 5):
+        messages = [m for k in range(turns) for m in ({"role": "user", "content": f"Question {k}?"},
+                                                      {"role": "assistant", "content": rng.choice(["Yes.", "No way!", "42"])})]
+        ids, mask = chat.encode_chat(messages)
+        trained = [t for t in targets_from_mask(ids, mask) if t != -1]
+        want = [t for m in messages if m["role"] == "assistant" for t in chat.encode(m["content"]) + [chat.EOT]]
+        assert trained == want, f"on a {turns}-turn chat the trained targets are {trained}, expected each response and its <|endoftext|>: {want}"
+
+
+def test_loss_targets_are_the_next_trained_token():
+    check_loss_targets()
 
 
 # 4. turn LIMA into response-only data ------------------------------------------------------------------------
+def conversations_smallest_first():
+    rng = random.Random(5)
+    words = ["", "Hi?", "Tell me a joke.", "Sure: a list\n- one", "  spaced  ", "Bye."]
+    for size in range(1, 7):
+        for _ in range(20):
+            messages = [{"role": "system", "content": rng.choice(words)}] if rng.random() < 0.3 else []
+            for k in range(size):
+                messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": rng.choice(words)})
+            yield messages
+
+
 def check_response_only(empty_instructions=None):
     empty_instructions = empty_instructions or chat.empty_instructions
-    conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
-                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
-                    {"role": "assistant", "content": "Bye."}]
-    ids, _ = chat.encode_chat(empty_instructions(conversation))
-    assert chat.tokenizer().decode(ids) == ("<|system|>\nBe kind.\n<|user|>\n\n<|assistant|>\nHello.<|endoftext|>\n"
-                                            "<|user|>\n\n<|assistant|>\nBye.<|endoftext|>")
-    assert conversation[1]["content"] == "Hi?", "the original conversation is left unchanged"
+    for conversation in conversations_smallest_first():
+        before = copy.deepcopy(conversation)
+        got = call(empty_instructions, conversation, what=f"empty_instructions({before})")
+        assert conversation == before, (
+            f"empty_instructions({before}) changed its input into {conversation}: build new messages "
+            f"({{**m, 'content': ''}}) instead of editing the given ones.")
+        want = [{**m, "content": ""} if m["role"] == "user" else m for m in before]
+        ok = len(got) == len(want) and all(
+            g.get("role") == w["role"] and (g.get("content", "").strip() == "" if w["role"] == "user" else g == w)
+            for g, w in zip(got, want))
+        assert ok, (
+            f"empty_instructions({before}) is {got}, expected {want}: every message is kept, in order, every user "
+            f"turn with an empty content and every other turn unchanged.")
+
+
+def test_response_only_empties_every_user_turn():
+    check_response_only()
 
 
 # 5. the diversity rule ---------------------------------------------------------------------------------------
+def last_tag_end(prompt):
+    """Stated independently: just past the last USER_TAG in prompt, 0 if there is none."""
+    ends = [i + len(rules.USER_TAG) for i in range(len(prompt)) if prompt[i:i + len(rules.USER_TAG)] == rules.USER_TAG]
+    return ends[-1] if ends else 0
+
+
+def prompts_smallest_first():
+    """(prompt, response) with 0 to 3 <|user|> tags in the prompt, shortest first; ids < 40 form no stray tag."""
+    rng, cases = random.Random(6), []
+    for size in range(0, 12):
+        for _ in range(25):
+            pieces = [[rng.randrange(40) for _ in range(rng.randint(0, size))] for _ in range(rng.randint(1, 4))]
+            prompt = [t for k, piece in enumerate(pieces) for t in (rules.USER_TAG if k else []) + piece] or [1]
+            cases.append((prompt, [rng.randrange(40) for _ in range(rng.randint(0, size))]))
+    return sorted(cases, key=lambda c: len(c[0]) + len(c[1]))
+
+
 def check_diversity_rule(rule_bias=None):
     rule_bias = rule_bias or rules.rule_bias
-    prompt = [5, 6] + rules.USER_TAG + [7, 8, 7]
-    bias = rule_bias(prompt + [9, 9, 9, 7], len(prompt), rules.Rules(eos=False, uniform=False))
-    got = {t: bias[t].item() for t in bias.nonzero().flatten().tolist()}
-    assert got == {7: -1.5, 8: -1.5, 9: -1.5}, f"-1.5 once per distinct id after the user tag, got {got}"
+    only = rules.Rules(eos=False, uniform=False)
+    for prompt, response in prompts_smallest_first():
+        ids, start = prompt + response, last_tag_end(prompt)
+        got = call(rules.after_user_tag, list(prompt), what=f"after_user_tag({prompt})")
+        assert got == start, (f"after_user_tag({prompt}) is {got}, expected {start}: the index just past the LAST "
+                              f"<|user|> tag {rules.USER_TAG} (a chat history has several), 0 if there is none.")
+        bias = call(rule_bias, list(ids), len(prompt), only, what=f"rule_bias({ids}, {len(prompt)}, diversity only)")
+        got = {t: bias[t].item() for t in sorted(bias.nonzero().flatten().tolist())}
+        want = {t: -1.5 for t in sorted(set(ids[start:]))}
+        assert got == want, (
+            f"rule_bias(ids={ids}, prompt_len={len(prompt)}, Rules(eos=False, uniform=False)) penalized {got}, "
+            f"expected {want}: -1.5 on each distinct id after the last <|user|> tag of the prompt (index {start}), "
+            f"once per id however often it occurs, and nothing else.")
+
+
+def test_diversity_rule_penalizes_each_id_after_the_last_user_tag_once():
+    check_diversity_rule()
 
 
 # 6. the paper's response ranking -----------------------------------------------------------------------------
+def score_tables():
+    """(name, n, negatives, seed, score, expected %, tolerance): score(i, j) = base[i] + outcome, where the own
+    response (j = i) gets 0 and each other one -1 (own wins), 0 (tie) or +1 (own loses). Where rows mix outcomes
+    the expected share is the table's share of wins among all i != j pairs, up to the draws' noise."""
+    rng = random.Random(7)
+    for name, outcome, share in (("own always likeliest", -1, 100.0), ("all tied", 0, 0.0), ("own always least likely", 1, 0.0)):
+        for n, negatives, seed in ((2, 40, 0), (3, 30, 1), (5, 4, 2), (5, 50, 3)):
+            base = [rng.uniform(-5, 0) for _ in range(n)]
+            yield name, n, negatives, seed, (lambda i, j, b=base, o=outcome: b[i] + (0.0 if i == j else o)), share, 0.0
+    for seed, (p_win, p_tie) in enumerate(((0.7, 0.1), (0.3, 0.3), (0.55, 0.0))):
+        n = 8
+        base = [rng.uniform(-5, 0) for _ in range(n)]
+        table = [[0.0 if i == j else rng.choices((-1.0, 0.0, 1.0), (p_win, p_tie, 1 - p_win - p_tie))[0] for j in range(n)]
+                 for i in range(n)]
+        wins = sum(table[i][j] < 0 for i in range(n) for j in range(n) if i != j)
+        yield (f"a table whose own responses beat {wins} of the {n * (n - 1)} others (ties: no win)", n, 1000, seed,
+               lambda i, j, b=base, t=table: b[i] + t[i][j], 100 * wins / (n * (n - 1)), 3.0)
+
+
 def check_ranking(ranking_win_rate=None):
     ranking_win_rate = ranking_win_rate or evaluate.ranking_win_rate
-    assert ranking_win_rate(lambda i, j: float(i == j), 5, 4, 0) == 100, "own response likeliest: 100%"
-    assert ranking_win_rate(lambda i, j: 0.0, 5, 4, 0) == 0, "a tie is not a win"
-    assert ranking_win_rate(lambda i, j: -float(i == j), 5, 4, 0) == 0, "own response least likely: 0%"
+    for name, n, negatives, seed, score, want, tolerance in score_tables():
+        what = f"ranking_win_rate(score, n={n}, negatives={negatives}, seed={seed}) with {name}"
+        got = call(ranking_win_rate, score, n, negatives, seed, what=what)
+        assert abs(got - want) <= tolerance, (
+            f"{what} is {got:.1f}, expected {want:.1f}{f' ± {tolerance:g}' if tolerance else ''} (%). Compare score(i, i) "
+            f"with score(i, j) under the same instruction i; a tie is not a win; a draw of j = i is skipped, not "
+            f"counted; return wins / comparisons in %.")
+        assert call(ranking_win_rate, score, n, negatives, seed, what=what) == got, f"{what}: the same seed must give the same result"
+
+
+def test_ranking_counts_outright_wins_over_the_drawn_negatives():
+    check_ranking()
 
 
 # 7. a repetition metric ---------------------------------------------------------------------------------------
+def token_lists_smallest_first():
+    for length in range(0, 10):  # every list over {0, 1} up to 9 tokens, with the default n = 4
+        for tokens in itertools.product((0, 1), repeat=length):
+            yield list(tokens), 4
+    rng = random.Random(8)
+    for length in range(0, 40):
+        for n in (1, 2, 3, 4, 5):
+            yield [rng.randrange(rng.choice((2, 3, 5))) for _ in range(length)], n
+
+
 def check_repetition(repeated_ngram_share=None):
     repeated_ngram_share = repeated_ngram_share or evaluate.repeated_ngram_share
-    assert repeated_ngram_share([1, 2, 3, 4, 5, 6]) == 0
-    assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
-    assert repeated_ngram_share([7] * 10) == pytest.approx(6 / 7), "every repeat counts, not each repeated 4-gram once"
+    for tokens, n in token_lists_smallest_first():
+        grams = [tokens[i:i + n] for i in range(len(tokens) - n + 1)]
+        repeats = sum(gram in grams[:i] for i, gram in enumerate(grams))  # each n-gram seen earlier counts once
+        want = repeats / len(grams) if grams else 0.0
+        args = f"{tokens}" + (f", n={n}" if n != 4 else "")
+        got = call(repeated_ngram_share, list(tokens), what=f"repeated_ngram_share({args})", **({"n": n} if n != 4 else {}))
+        assert got == pytest.approx(want, abs=1e-12), (
+            f"repeated_ngram_share({args}) is {got}, expected {want:g}: of its {len(grams)} {n}-grams, {repeats} "
+            f"repeat an earlier {n}-gram (every repeat counts, a third occurrence too); fewer than {n} tokens have no "
+            f"{n}-grams and give 0.")
+
+
+def test_repetition_share_counts_every_repeated_ngram():
+    check_repetition()
 
 
 # 8. top-p (nucleus) sampling ------------------------------------------------------------------------------------
-def check_top_p(sample=None):
-    sample = sample or model.sample
-    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+def distributions_smallest_first():
+    """(scores (3, V), p): unsorted random distributions, as unnormalized scores (temperature divides log-probs),
+    with p at least 1e-3 away from every prefix sum of the sorted probabilities, so float rounding cannot matter."""
+    g, rng = torch.Generator().manual_seed(9), random.Random(9)
+    for V in range(1, 13):
+        for _ in range(10):
+            probs = torch.rand(3, V, generator=g, dtype=torch.float64).pow(3) + 1e-3
+            scores = (probs.log() + torch.empty(3, 1, dtype=torch.float64).uniform_(-5, 5, generator=g)).float()
+            sums = torch.softmax(scores.double(), -1).sort(-1, descending=True).values.cumsum(-1)
+            p = rng.uniform(0.02, 0.98)
+            while (sums - p).abs().min() < 1e-3:
+                p = rng.uniform(0.02, 0.98)
+            yield scores, p
+
+
+def nucleus(row, p):
+    """Stated independently: the smallest prefix of the tokens sorted by probability whose mass reaches p."""
+    probs = torch.softmax(row.double(), -1).tolist()
+    order = sorted(range(len(probs)), key=lambda t: -probs[t])
+    mass = 0.0
+    for k, t in enumerate(order):
+        mass += probs[t]
+        if mass >= p:
+            return set(order[:k + 1])
+    return set(order)
+
+
+def check_top_p(top_p_filter=None):
+    top_p_filter = top_p_filter or model.top_p_filter
     g = torch.Generator().manual_seed(0)
-    seen = {int(sample(logprobs, top_p=0.7, generator=g)) for _ in range(400)}
-    assert seen == {0, 1}, f"top_p=0.7 keeps the smallest set reaching 0.7 ({{0, 1}}), drew {seen}"
-    seen = {int(sample(logprobs, top_p=0.4, generator=g)) for _ in range(200)}
-    assert seen == {0}, "the likeliest token is always kept"
+    for scores, p in distributions_smallest_first():
+        V = scores.size(1)
+        got = call(top_p_filter, scores.clone(), p, what=f"top_p_filter(scores of shape {tuple(scores.shape)}, p={p:.3f})")
+        assert torch.is_tensor(got) and got.shape == scores.shape, f"top_p_filter returns scores of the input's shape {tuple(scores.shape)}"
+        for row, out in zip(scores, got):
+            want = nucleus(row, p)
+            kept = {t for t in range(V) if out[t] != float("-inf")}
+            probs = [round(x, 3) for x in torch.softmax(row.double(), -1).tolist()]
+            assert kept == want and all(out[t] == row[t] for t in kept), (
+                f"top_p_filter at p={p:.3f} on a row with probabilities {probs} kept {sorted(kept)} (scores "
+                f"{[round(x, 3) for x in out.tolist()]}), expected {sorted(want)}. Sort the tokens by probability "
+                f"(softmax of the row: scores are log-probabilities divided by a temperature, not normalized), keep the "
+                f"shortest prefix of that order whose probabilities add up to at least p (the token that crosses p "
+                f"stays), set the others to -inf and leave the kept scores as they were.")
+        if V in (4, 12):  # and sample() never draws outside the kept set
+            logprobs = torch.log_softmax(scores, -1)
+            drawn = [set() for _ in scores]
+            for _ in range(100):
+                for b, t in enumerate(call(model.sample, logprobs, top_p=p, generator=g, what="model.sample").tolist()):
+                    drawn[b].add(t)
+            for b, row in enumerate(scores):
+                assert drawn[b] <= nucleus(row, p), f"sample(top_p={p:.3f}) drew {sorted(drawn[b] - nucleus(row, p))}, outside the kept set {sorted(nucleus(row, p))}"
 
 
-CHECKS = [check_eos_rule, check_uniform_tokens, check_loss_targets, check_response_only, check_diversity_rule,
-          check_ranking, check_repetition, check_top_p]
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    check_top_p()
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-def test_reference_code_passes(check):
-    check()
+def test_top_p_exercise_leaves_greedy_decoding_alone(monkeypatch):
+    logprobs = torch.log_softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), -1)
+    monkeypatch.setattr(model, "top_p_filter", lambda scores, p: 1 / 0)  # a broken exercise
+    assert torch.equal(model.sample(logprobs, greedy=True), logprobs.argmax(-1))
 
 
-# plausible wrong answers, one or two per exercise: each must fail its check --------------------------------------
-def wrong_sample_top_p(logprobs, top_p=None, generator=None, **_):
-    sorted_scores, order = torch.sort(logprobs, descending=True)
-    keep = sorted_scores.exp().cumsum(-1) <= top_p  # drops the token that crosses p, and can drop everything
-    probs = torch.zeros_like(logprobs).scatter(-1, order, keep.float() * sorted_scores.exp())
-    return torch.multinomial(probs / probs.sum(), 1, generator=generator)[:, 0]
+# the checks catch wrong answers: each exercise's function replaced by plausible mistakes and by a hard-coded answer
+# (one that passes a check of one fixed input) ---------------------------------------------------------------------
+def eos_old_points(n, r):  # hard-coded: the points an old one-input check looked at
+    return {0: 0.0, 1: 0.06, 2: 0.12, 125: 7.5, 249: 14.94, 250: 0.0, 251: 0.0, 1000: 0.0}.get(n, 0.0)
 
 
-def wrong_ranking(score, n, negatives, seed):  # counts a tie as a win
-    rng, wins, total = random.Random(seed), 0, 0
-    for i in range(n):
-        for j in [rng.randint(0, n - 1) for _ in range(negatives)]:
-            if j != i:
-                wins, total = wins + (score(i, i) >= score(i, j)), total + 1
-    return 100 * wins / total
+OLD_CHAT = chat.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
 
 
-def wrong_ranking_with_self(score, n, negatives, seed):  # counts draws of the own response as comparisons
-    rng, wins = random.Random(seed), 0
-    for i in range(n):
-        for j in [rng.randint(0, n - 1) for _ in range(negatives)]:
-            wins += score(i, i) > score(i, j)
-    return 100 * wins / (n * negatives)
+def diversity_bias(start, per_occurrence=False):
+    """A wrong rule_bias whose diversity part penalizes ids[start(ids, prompt_len):]."""
+    def rule_bias(ids, prompt_len, r):
+        bias = torch.zeros(rules.VOCAB)
+        for token in (ids[start(ids, prompt_len):] if per_occurrence else set(ids[start(ids, prompt_len):])):
+            bias[token] -= 1.5
+        return bias
+    return rule_bias
 
 
-def wrong_diversity(ids, prompt_len, r):  # per occurrence, and from the very start
-    bias = torch.zeros(rules.VOCAB)
-    for token in ids:
-        bias[token] -= 1.5
-    return bias
+def first_user_tag(ids):
+    for i in range(len(ids) - len(rules.USER_TAG) + 1):
+        if ids[i:i + len(rules.USER_TAG)] == rules.USER_TAG:
+            return i + len(rules.USER_TAG)
+    return 0
 
 
-WRONG = [
-    (check_eos_rule, lambda n, r: 15 * n / 250 if n <= 250 else 0.0),  # off by one at 250
-    (check_eos_rule, lambda n, r: min(15.0, 15 * n / 250)),  # the paper's wording, not the code: never drops
-    (check_uniform_tokens, [(i, p, s, {1334: 1135}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]),  # "We", no space
-    (check_uniform_tokens, [(i, p, s, {29966: 1279, 529: 27}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]),  # swapped
-    # trusting the code's comments: 5618 as " What", 334 as "-", 448 as "*" (line-start forms)
-    (check_uniform_tokens, [(i, p, s, {5618: 1867, 334: 12, 448: 9}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]),
-    (check_loss_targets, lambda ids, mask: [t if m else -1 for t, m in zip(ids, mask)]),  # not shifted
-    (check_loss_targets, lambda ids, mask: [n if m else -1 for n, m in zip(ids[1:], mask[:-1])] + [-1]),  # mask off by one
-    (check_response_only, lambda ms: [m for m in ms if m["role"] != "user"]),  # drops the user turns entirely
-    (check_response_only, lambda ms: [m.update(content="") or m if m["role"] == "user" else m for m in ms]),  # in place
-    (check_diversity_rule, wrong_diversity),
-    (check_ranking, wrong_ranking),
-    (check_ranking, wrong_ranking_with_self),
-    (check_repetition, lambda toks: len({tuple(toks[i:i + 4]) for i in range(len(toks) - 3)
-                                         if toks[i:i + 4] in [toks[j:j + 4] for j in range(i)]}) / max(1, len(toks) - 3)),
-    (check_top_p, wrong_sample_top_p),
+def ranking(compare, skip_self=True, rows=None, percent=100):
+    """A ranking_win_rate with a pluggable comparison; the right one is compare = own > other, skip_self."""
+    def ranking_win_rate(score, n, negatives, seed):
+        rng, wins, total = random.Random(seed), 0, 0
+        for i in range(rows or n):
+            for j in [rng.randint(0, n - 1) for _ in range(negatives)]:
+                if j != i or not skip_self:
+                    wins, total = wins + compare(score, i, j), total + 1
+        return percent * wins / max(total, 1)
+    return ranking_win_rate
+
+
+def share(count_repeats, denominator=lambda tokens, grams: len(grams), last=True):
+    """A repeated_ngram_share built from a way of counting repeats and a denominator."""
+    def repeated_ngram_share(tokens, n=4):
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + (1 if last else 0))]
+        return count_repeats(grams) / denominator(tokens, grams)
+    return repeated_ngram_share
+
+
+def nucleus_filter(keep_sorted, sort=True, probs_of=lambda s: s.softmax(-1)):
+    """A top_p_filter: keep_sorted(sorted probs, p) -> bool mask over the sorted order."""
+    def top_p_filter(scores, p):
+        order = scores.argsort(-1, descending=True) if sort else torch.arange(scores.size(-1)).expand_as(scores)
+        keep = keep_sorted(probs_of(scores).gather(-1, order), p)
+        return scores.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
+    return top_p_filter
+
+
+WRONG = [  # (exercise, the module and name of its function, {mistake: wrong answer})
+    ("eos_rule", rules, "eos_bias", {
+        "off by one at 250 (n <= 250)": lambda n, r: ((0 < n) & (n <= 250)) * (15 * n / 250) + ((n > 250) & r.eos_hold) * 15.0,
+        "the paper's wording, never drops": lambda n, r: min(15.0, 15 * n / 250),
+        "one token early (15·(n+1)/250)": lambda n, r: ((n < 250) * (15 * (n + 1) / 250)) + ((n >= 250) & r.eos_hold) * 15.0,
+        "ignores eos_hold": lambda n, r: ((0 < n) & (n < 250)) * (15 * n / 250),
+        "right on ints, fails on a batch of counts": lambda n, r: 15 * n / 250 if 0 < n < 250 else 15.0 * (r.eos_hold and n >= 250),
+        "hard-coded": eos_old_points}),
+    ("uniform_tokens", rules, "UNIFORM", {
+        "We without its space": [(i, p, s, {1334: 1135}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM],
+        "lt and space-lt swapped": [(i, p, s, {29966: 1279, 529: 27}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM],
+        "trusting the official comments": [(i, p, s, {5618: 1867, 334: 12, 448: 9}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM]}),
+    ("loss_targets", chat, "targets_from_mask", {
+        "not shifted": lambda ids, mask: [t if m else -1 for t, m in zip(ids, mask)],
+        "mask off by one": lambda ids, mask: [n if m else -1 for n, m in zip(ids[1:], mask[:-1])] + [-1],
+        "HF's -100 instead of -1": lambda ids, mask: [n if m else -100 for n, m in zip(ids[1:], mask[1:])] + [-100],
+        "one target short": lambda ids, mask: [n if m else -1 for n, m in zip(ids[1:], mask[1:])],
+        "hard-coded": lambda ids, mask: chat.targets_from_mask(*OLD_CHAT) if ids == OLD_CHAT[0] else [-1] * len(ids)}),
+    ("response_only", chat, "empty_instructions", {
+        "drops the user turns": lambda ms: [m for m in ms if m["role"] != "user"],
+        "edits the input in place": lambda ms: [m.update(content="") or m if m["role"] == "user" else m for m in ms],
+        "only the first user turn": lambda ms: [{**m, "content": ""} if m is next(x for x in ms if x["role"] == "user") else m for m in ms],
+        "hard-coded": lambda ms: [{"role": "system", "content": "Be kind."}, {"role": "user", "content": ""},
+                                  {"role": "assistant", "content": "Hello."}]}),
+    ("diversity_rule", rules, "rule_bias", {
+        "per occurrence, from the start": diversity_bias(lambda ids, p: 0, per_occurrence=True),
+        "per occurrence after the tag": diversity_bias(lambda ids, p: last_tag_end(ids[:p]), per_occurrence=True),
+        "the tag itself penalized": diversity_bias(lambda ids, p: max(0, last_tag_end(ids[:p]) - len(rules.USER_TAG))),
+        "the response only": diversity_bias(lambda ids, p: p),
+        "hard-coded": lambda ids, p, r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([7, 8, 9]), -1.5)}),
+    ("diversity_rule", rules, "after_user_tag", {"the first user tag": first_user_tag}),
+    ("ranking", evaluate, "ranking_win_rate", {
+        "a tie counts as a win": ranking(lambda s, i, j: s(i, i) >= s(i, j)),
+        "draws of the own response counted": ranking(lambda s, i, j: s(i, i) > s(i, j), skip_self=False),
+        "each response under its own instruction": ranking(lambda s, i, j: s(i, i) > s(j, j)),
+        "a fraction, not %": ranking(lambda s, i, j: s(i, i) > s(i, j), percent=1),
+        "hard-coded": lambda score, n, negatives, seed: 100.0 if score(0, 0) > score(0, 1) else 0.0}),
+    ("repetition", evaluate, "repeated_ngram_share", {
+        "each repeated n-gram once": share(lambda g: len({x for i, x in enumerate(g) if x in g[:i]}), lambda t, g: max(1, len(g))),
+        "divided by the tokens, not the n-grams": share(lambda g: len(g) - len(set(g)), lambda t, g: max(1, len(t))),
+        "the last n-gram missed": share(lambda g: len(g) - len(set(g)), lambda t, g: max(1, len(g)), last=False),
+        "fails on lists shorter than n": share(lambda g: len(g) - len(set(g))),
+        "always 4-grams": lambda tokens, n=4: share(lambda g: len(g) - len(set(g)), lambda t, g: max(1, len(g)))(tokens),
+        "hard-coded": lambda tokens, n=4: {(7,) * 10: 6 / 7, (1, 2, 3, 4, 1, 2, 3, 4): 1 / 5}.get(tuple(tokens), 0.0)}),
+    ("top_p", model, "top_p_filter", {
+        "drops the token that crosses p": nucleus_filter(lambda probs, p: probs.cumsum(-1) <= p),
+        "never sorts": nucleus_filter(lambda probs, p: probs.cumsum(-1) - probs < p, sort=False),
+        "exp() of unnormalized scores": nucleus_filter(lambda probs, p: probs.cumsum(-1) - probs < p, probs_of=lambda s: s.exp()),
+        "hard-coded": lambda scores, p: nucleus_filter(lambda probs, p: (torch.arange(probs.size(-1)) < (2 if p >= 0.5 else 1)).expand_as(probs))(scores, p)}),
 ]
+CHECKS = {"eos_rule": check_eos_rule, "uniform_tokens": check_uniform_tokens, "loss_targets": check_loss_targets,
+          "response_only": check_response_only, "diversity_rule": check_diversity_rule, "ranking": check_ranking,
+          "repetition": check_repetition, "top_p": check_top_p}
+CASES = [(exercise, module, name, mistake, wrong) for exercise, module, name, wrongs in WRONG for mistake, wrong in wrongs.items()]
 
 
-@pytest.mark.parametrize("check, wrong", WRONG, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(WRONG)])
-def test_wrong_answers_fail_their_check(check, wrong):
+@pytest.mark.parametrize("exercise, module, name, mistake, wrong", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES])
+def test_exercise_checks_catch_wrong_answers(exercise, module, name, mistake, wrong, monkeypatch):
+    monkeypatch.setattr(module, name, wrong)  # as a student's edit would
     with pytest.raises(AssertionError):
-        check(wrong)
+        CHECKS[exercise]()
+
+
+def test_every_check_meets_two_wrong_answers_and_a_hard_coded_one():
+    mistakes = {exercise: [m for e, _, _, m, _ in CASES if e == exercise] for exercise in CHECKS}
+    for exercise, found in mistakes.items():
+        assert len(found) >= 2, exercise
+        assert "hard-coded" in found or exercise == "uniform_tokens", exercise  # the table is a lookup by nature
+
+
+# one home per idea: sample.py --rules runs the exercises' functions ---------------------------------------------
+@pytest.fixture(scope="module")
+def small(small_hf):
+    return GPT.from_pretrained(small_hf[1]).eval()
+
+
+def test_rule_state_uses_the_exercise_eos_bias(small, monkeypatch):
+    prompt = chat.encode_prompt("Write a poem called Rain")
+
+    def ruled():
+        return small.generate([prompt], 12, greedy=True, eos=None, hook=rules.RuleState([prompt], rules.Rules()))[0]
+    reference = ruled()
+    monkeypatch.setattr(rules, "eos_bias", lambda n, r: (n >= 3) * 100.0)  # a student's different ramp
+    changed = ruled()
+    assert changed != reference and changed[3] == chat.EOT, (reference, changed)
+
+
+def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
+    prompt = [5, 6] + rules.USER_TAG + [7]
+    reference = rules.RuleState([prompt], rules.Rules()).scores()
+    monkeypatch.setattr(rules, "uniform_bias", lambda r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([42]), 3.0))
+    assert reference[0, 42] == 0 and rules.RuleState([prompt], rules.Rules()).scores()[0, 42] == 3.0
+    monkeypatch.setattr(rules, "after_user_tag", lambda ids: 0)
+    assert rules.RuleState([prompt], rules.Rules()).scores()[0, 5] == -1.5

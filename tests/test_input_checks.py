@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 import chat
-from model import GPT, config_from_hf_json, load_safetensors
+from checkpoint import config_from_hf_json, load_safetensors
+from model import GPT
 
 DEEP = "[" * 100_000  # json.loads raises RecursionError long before the end
 GOOD_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from model import GPT, load_safetensors
+from checkpoint import load_safetensors
+from model import GPT
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

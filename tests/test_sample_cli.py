@@ -14,7 +14,7 @@ from conftest import ROOT
 import chat
 import sample
 from model import GPT
-from train import parse_flags
+from cli import parse_flags
 
 
 def command(script, *args):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+import checkpoint
 import chat
+import cli
 import train
 from model import GPT
 
@@ -108,7 +110,7 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
     assert p.returncode == 130 and "stopped at step" in stdout, stderr  # 128 + SIGINT: scripts see the stop
     stopped = torch.load(part / "ckpt.pt", weights_only=True)["step"]
     assert 3 <= stopped < 24
-    assert train.progress(part) == {"step": stopped, "max_iters": 24, "finished": False, "init_from": "scratch",
+    assert checkpoint.progress(part) == {"step": stopped, "max_iters": 24, "finished": False, "init_from": "scratch",
                                     "data": "sample"}
     assert not (part / "train.lock").exists()
     r = run("--init_from=resume", f"--out_dir={part}", "--device=cpu")
@@ -119,9 +121,9 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import train; "
-            "train.save_checkpoint({'step': 2, 'w': torch.zeros(300_000_000, dtype=torch.uint8)}, sys.argv[2])")
+    checkpoint.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import checkpoint; "
+            "checkpoint.save_checkpoint({'step': 2, 'w': torch.zeros(300_000_000, dtype=torch.uint8)}, sys.argv[2])")
     p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)])
     tmp = tmp_path / "ckpt.pt.tmp"
     while not (tmp.exists() and tmp.stat().st_size > 0) and p.poll() is None:
@@ -241,15 +243,15 @@ def test_bad_inputs_through_the_cli(tmp_path):
 def test_toml_config_and_flags_override(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('data = "sample"\nmax_iters = 3\nlearning_rate = 1e-3\ncompile = false\n')
-    config = train.parse_flags(train.DEFAULTS, [str(cfg), "--max_iters=5", "--compile"], "")
+    config = cli.parse_flags(train.DEFAULTS, [str(cfg), "--max_iters=5", "--compile"], "")
     assert (config["data"], config["max_iters"], config["learning_rate"], config["compile"]) == ("sample", 5, 1e-3, True)
     cfg.write_text('data = "sample"\nbogus = 1\n')
     with pytest.raises(ValueError, match="run.toml: unknown key 'bogus'"):
-        train.parse_flags(train.DEFAULTS, [str(cfg)], "")
+        cli.parse_flags(train.DEFAULTS, [str(cfg)], "")
     names = sorted(p.stem for p in (ROOT / "config").glob("*.toml"))
     assert names == ["chess", "gsm8k", "instruction_tuning", "mbpp", "poetry", "recipes", "response_tuning", "smoke",
                      "tinyworld_instruction", "tinyworld_poem", "tinyworld_pretrain", "tinyworld_responses"]
     for name in names:  # the shipped configs parse, and each single-task one has the official epochs
-        config = train.parse_flags(train.DEFAULTS, [str(ROOT / "config" / f"{name}.toml")], "")
+        config = cli.parse_flags(train.DEFAULTS, [str(ROOT / "config" / f"{name}.toml")], "")
         epochs = {"gsm8k": 7, "mbpp": 15, "poetry": 15, "recipes": 20, "chess": 15}.get(name)
         assert epochs is None or (config["epochs"], config["data"]) == (epochs, name)

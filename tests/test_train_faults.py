@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import train
+import checkpoint
 from model import GPT, GPTConfig
 
 TINY = ["--init_from=scratch", "--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=64", "--data=sample",
@@ -45,7 +45,7 @@ def test_a_bad_flag_is_one_line(flag, message, tmp_path):
 def test_out_dir_is_protected_and_resume_honors_or_refuses_flags(tmp_path):
     out = tmp_path / "run"
     assert run(*TINY, "--max_iters=2", f"--out_dir={out}").returncode == 0
-    assert train.progress(out) == {"step": 2, "max_iters": 2, "finished": True, "init_from": "scratch", "data": "sample"}
+    assert checkpoint.progress(out) == {"step": 2, "max_iters": 2, "finished": True, "init_from": "scratch", "data": "sample"}
     before = (out / "model.safetensors").read_bytes()
     one_line_error(run(*TINY, "--max_iters=2", f"--out_dir={out}"),
                    f"{out} already holds a run (step 2 of 2); continue it with --init_from=resume")
@@ -54,10 +54,10 @@ def test_out_dir_is_protected_and_resume_honors_or_refuses_flags(tmp_path):
                    "--learning_rate=0.5: " + f"{out} was trained with learning_rate=5e-05")
     r = run("--init_from=resume", f"--out_dir={out}", "--max_iters=4")  # extending a run is allowed
     assert r.returncode == 0 and f"resuming {out} at step 2" in r.stdout, r.stderr
-    assert train.progress(out) == {"step": 4, "max_iters": 4, "finished": True, "init_from": "scratch", "data": "sample"}
+    assert checkpoint.progress(out) == {"step": 4, "max_iters": 4, "finished": True, "init_from": "scratch", "data": "sample"}
     one_line_error(run("--init_from=resume", f"--out_dir={out}", "--max_iters=3"), f"--max_iters=3: {out} is already at step 4")
     r = run(*TINY, "--max_iters=1", f"--out_dir={out}", "--overwrite")  # the explicit way to start over
-    assert r.returncode == 0 and train.progress(out)["max_iters"] == 1
+    assert r.returncode == 0 and checkpoint.progress(out)["max_iters"] == 1
 
 
 def test_one_process_per_out_dir_and_a_dead_holder_lock_is_taken_over(tmp_path):
@@ -81,7 +81,7 @@ def tiny_state(model, step):
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_step_whole(tmp_path, monkeypatch):
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=32))
-    train.save_run(tmp_path, model, tiny_state(model, 1), False)
+    checkpoint.save_run(tmp_path, model, tiny_state(model, 1), False)
     files = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "config.json", "model.safetensors", "progress.json")}
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)  # step 2's weights differ
@@ -90,7 +90,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_step_whole(tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", full)  # the export is written; ckpt.pt hits the full disk
     with pytest.raises(OSError, match=r"could not write the checkpoint of step 2 .*\(No space left on device\); the previous checkpoint is intact"):
-        train.save_run(tmp_path, model, tiny_state(model, 2), False)
+        checkpoint.save_run(tmp_path, model, tiny_state(model, 2), False)
     assert {name: (tmp_path / name).read_bytes() for name in files} == files  # never a newer export beside an older ckpt
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # the temporary files are gone
 
