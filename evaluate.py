@@ -156,7 +156,7 @@ def score_batch(model, rules, batch, device, dtype, chunk=64):
         x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[b, :len(ids) - p] = torch.tensor(ids[p:])
     x, targets = x.to(device), targets.to(device)
-    rows = model.rows(targets)  # the targets' rows of lm_head (the ids themselves for GPT-2)
+    rows = model.vocab.rows(targets)  # the targets' rows of lm_head (the ids themselves for GPT-2)
     first = torch.tensor([p - 1 for _, p in batch], device=device)  # the position that predicts each first target
     state = RuleState([ids[:p] for ids, p in batch], rules, device) if rules is not None else None
     picked = []  # (B, n) log-probs of the targets, `chunk` target positions at a time: logits are (B, chunk, V)
@@ -172,7 +172,7 @@ def score_batch(model, rules, batch, device, dtype, chunk=64):
             for k, t in enumerate(span.tolist()):  # the rules' scores depend on the response so far: step by step
                 # over a restricted vocabulary's own ids: the rule LM's normalizer there differs by a constant,
                 # which the product's renormalization removes
-                logprobs = product_of_experts(logits[:, k], model.own_vocab(state.scores()))  # (B, V)
+                logprobs = product_of_experts(logits[:, k], model.vocab.own(state.scores()))  # (B, V)
                 picked.append(logprobs.gather(1, rows[:, t:t + 1]))
                 state.update(targets[:, t])
     picked = torch.cat(picked, dim=1).cpu()  # (B, T)

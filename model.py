@@ -18,16 +18,15 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
+from vocab import Vocabulary
 
 EOT = 50256  # <|endoftext|>: GPT-2's only special token; the paper's end of a response
-VOCAB = 50257  # GPT-2's BPE vocabulary, <|endoftext|> included: every id the rest of the code speaks
 
 
 def varying_lengths():
-    """The attention kernels for sequence lengths that change from call to call (decoding adds a key each step;
-    scoring batches differ in length): every backend but cuDNN's, which PyTorch prefers on Hopper GPUs but which
-    builds a new plan for every new length, about 2.5 ms of CPU time per call (measured on an H200, torch 2.11:
-    that made decoding 10x slower). Training keeps it: its shapes repeat."""
+    """Attention kernels for lengths that change from call to call (decoding, scoring): every backend but cuDNN's,
+    which PyTorch prefers on Hopper GPUs but which plans anew for each length, ~2.5 ms of CPU a call (an H200,
+    torch 2.11: decoding ran 10x slower). Training keeps it: its shapes repeat."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -154,18 +153,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
-        # A restricted vocabulary: wte and lm_head have one row per GPT-2 id the model knows, so a tiny model
-        # (TinyWorld's 0.4M parameters) does not spend 90% of its compute on 50,257 logits. Everything outside
-        # the model still speaks GPT-2 ids: rows() translates them on the way in, full_vocab() on the way out.
-        if config.token_ids is None:
-            self.token_ids = self.row_of = None
-        else:
-            if len(config.token_ids) != config.vocab_size or len(set(config.token_ids)) != config.vocab_size:
-                raise ValueError(f"token_ids: {len(config.token_ids)} ids for vocab_size {config.vocab_size}, or repeated")
-            ids = torch.tensor(config.token_ids, dtype=torch.long)  # (V,)
-            row_of = torch.full((VOCAB,), -1, dtype=torch.long).index_copy_(0, ids, torch.arange(len(ids)))
-            self.register_buffer("token_ids", ids, persistent=False)  # row -> GPT-2 id
-            self.register_buffer("row_of", row_of, persistent=False)  # GPT-2 id -> row, -1 if unknown
+        self.vocab = Vocabulary(config.token_ids, config.vocab_size)  # GPT-2 ids <-> rows (vocab.py; TinyWorld)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -182,32 +170,6 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head matrix counts once
 
-    def rows(self, ids):
-        """GPT-2 ids -> the rows of wte and lm_head that stand for them: the ids themselves for GPT-2; with a
-        restricted vocabulary its row, or -1 for an id it does not know (and for -1, "no target")."""
-        if self.row_of is None:
-            return ids
-        return torch.where(ids >= 0, self.row_of[ids.clamp(min=0)], -1)
-
-    def own_vocab(self, scores):
-        """(..., 50257) scores over GPT-2's ids -> (..., vocab_size) over this model's rows."""
-        return scores if self.token_ids is None else scores[..., self.token_ids]
-
-    def full_vocab(self, logprobs):
-        """(..., vocab_size) over this model's rows -> (..., 50257) over GPT-2's ids, -inf (probability 0) for
-        the ids a restricted vocabulary lacks."""
-        if self.token_ids is None:
-            return logprobs
-        full = logprobs.new_full((*logprobs.shape[:-1], VOCAB), float("-inf"))
-        return full.index_copy_(-1, self.token_ids, logprobs)
-
-    def unknown(self, ids):
-        """The GPT-2 ids in the list `ids` that this model has no row for (none for GPT-2), sorted."""
-        if self.row_of is None or not ids:
-            return []
-        ids = torch.tensor(ids, dtype=torch.long, device=self.row_of.device)
-        return sorted(set(ids[self.rows(ids) < 0].tolist()))
-
     def hidden(self, idx, pos=None, cache=None, mask=None):
         # idx (B, T) GPT-2 token ids; pos (B, T) their positions (default 0..T-1 after the cache); -> (B, T, C)
         T = idx.size(1)
@@ -215,7 +177,7 @@ class GPT(nn.Module):
             start = cache.length if cache is not None else 0
             assert start + T <= self.config.block_size, f"{start + T} tokens exceed block_size {self.config.block_size}"
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(self.rows(idx)) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.transformer.wte(self.vocab.rows(idx)) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, cache, mask)
         if cache is not None:
@@ -227,7 +189,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size): over the model's rows
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), self.rows(targets).view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), self.vocab.rows(targets).view(-1), ignore_index=-1)
         return logits, loss
 
     # ---------------------------------------------------------------------------------------- generation
@@ -236,19 +198,16 @@ class GPT(nn.Module):
     @varying_lengths()  # the key length grows every step
     def generate(self, prompts, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
                  hook=None, callback=None, eos=EOT, use_cache=True, generator=None):
-        """Continue each prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens.
+        """Continue each prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens. Returns one
+        list of new tokens per prompt, ending at `eos` (included) if produced; eos=None runs max_new_tokens.
+        hook(logprobs, generated) -> bias: called every step with the next-token log-probabilities (B, 50257) and
+        the tokens so far (B, n); the bias is added and the sum renormalized, a product of experts (section 5).
+        callback(logprobs, tokens) sees each step's final log-probabilities and chosen tokens (streaming).
 
-        hook(logprobs, generated) -> bias: called at every step with the next-token log-probabilities
-        (B, vocab_size) and the tokens generated so far (B, n); the bias is added and the sum renormalized,
-        a product of experts (paper section 5). callback(logprobs, tokens), if given, sees the final
-        log-probabilities and the tokens chosen at each step (streaming uses it). Returns one list of new
-        tokens per prompt, ending at `eos` (included) if it was produced; eos=None always runs max_new_tokens.
-
-        Prompts are left-padded to a common length P (left_pad), so that new tokens are appended in one column.
-        Padding is masked out of attention and positions count from each prompt's first real token, so a
-        batch gives what each prompt gives alone. With the cache, each prompt is first read alone (prefill);
-        then all rows decode together, one token a step (next_hidden).
-        """
+        Prompts are left-padded to a common length P (left_pad), so new tokens are appended in one column; padding
+        is masked out of attention and positions count from each prompt's first real token, so a batch gives what
+        each prompt gives alone. With the cache, each prompt is first read alone (prefill); then all rows decode
+        together, one token a step (next_hidden)."""
         idx, valid = self.left_pad(prompts)  # (B, P): the ids, and True where they are real (not padding)
         max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))  # learned positions end there
         generated = idx.new_empty((len(prompts), 0))  # (B, n): the new tokens, one column per step
@@ -258,7 +217,7 @@ class GPT(nn.Module):
             cache, h = None, self.next_hidden(idx, valid, generated)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
-            logprobs = self.full_vocab(F.log_softmax(self.lm_head(h).float(), dim=-1))  # (B, 50257)
+            logprobs = self.vocab.full(F.log_softmax(self.lm_head(h).float(), dim=-1))  # (B, 50257)
             if hook is not None:
                 logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
             nxt = sample(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
@@ -283,7 +242,7 @@ class GPT(nn.Module):
             raise ValueError("every prompt needs at least one token")
         if P > self.config.block_size:
             raise ValueError(f"prompt of {P} tokens is longer than the context ({self.config.block_size})")
-        unknown = self.unknown([t for p in prompts for t in p])
+        unknown = self.vocab.unknown([t for p in prompts for t in p])
         if unknown:
             raise ValueError(f"the prompt has tokens this model's vocabulary lacks: {unknown[:10]}")
         idx = torch.full((len(prompts), P), EOT, dtype=torch.long, device=device)  # padding: any id, masked out
@@ -333,8 +292,7 @@ class GPT(nn.Module):
         return model
 
     def save_pretrained(self, directory):
-        """Write config.json + model.safetensors as transformers' save_pretrained does, so that this class,
-        transformers and sample.py all load the directory."""
+        """Write config.json + model.safetensors as transformers' save_pretrained does (both load the directory)."""
         tensors = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
         checkpoint.write_pretrained(directory, self.config, tensors)
 

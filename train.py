@@ -201,7 +201,7 @@ def val_loss(model, examples, config, device, dtype):
     total = 0.0
     for i in range(0, len(examples), config["batch_size"]):
         x, y = collate(examples[i:i + config["batch_size"]], device, config["block_size"])
-        y = model.rows(y)
+        y = model.vocab.rows(y)
         with autocast(device, dtype):
             logits, _ = model(x)
         total += weighted_loss(logits, y, loss_weights(y, config["loss"], len(examples), n_tokens)).item()
@@ -211,7 +211,7 @@ def val_loss(model, examples, config, device, dtype):
 
 def show_examples(model, title, n, device, dtype):
     prompts = [chat.encode_prompt(q) for q in EXAMPLES[:n]]
-    if n <= 0 or model.unknown([t for p in prompts for t in p]):  # a restricted vocabulary cannot read them
+    if n <= 0 or model.vocab.unknown([t for p in prompts for t in p]):  # a restricted vocabulary cannot read them
         return
     print(f"\n=== {title} ===")
     model.eval()
@@ -409,7 +409,7 @@ def build_model(config, ckpt, datasets):
     if config["block_size"] > model.config.block_size:
         raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
     for path, examples in datasets:  # a restricted vocabulary must cover the data
-        unknown = model.unknown(sorted({t for ids, _ in examples for t in ids}))
+        unknown = model.vocab.unknown(sorted({t for ids, _ in examples for t in ids}))
         if unknown:
             raise ValueError(f"{path}: {len(unknown)} token ids outside the model's vocabulary, e.g. "
                              f"{unknown[:5]} ({chat.decode(unknown[:5])!r})")
@@ -497,7 +497,7 @@ def forward_backward(model, raw_model, scaler, examples, config, device, dtype, 
         sync = not ddp or m == len(batches) - 1  # DDP averages gradients only on the last micro-batch
         with autocast(device, dtype), (nullcontext() if sync else model.no_sync()):
             logits, _ = model(x)
-            y = raw_model.rows(y)  # the targets' rows of lm_head (the ids themselves for GPT-2)
+            y = raw_model.vocab.rows(y)  # the targets' rows of lm_head (the ids themselves for GPT-2)
             loss = weighted_loss(logits, y, loss_weights(y, config["loss"], per_step, n_tokens))
         step_loss += loss.detach()
         scaler.scale(loss * world).backward()  # * world: DDP divides the summed gradients by world

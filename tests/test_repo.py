@@ -79,4 +79,4 @@ def test_every_function_fits_on_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80]
     assert not long, long
     # model.py holds the network and generation only (the aim is 320 lines; 362 after checkpoint.py took the files)
-    assert len((ROOT / "model.py").read_text().splitlines()) <= 370
+    assert len((ROOT / "model.py").read_text().splitlines()) <= 320  # nanoGPT's size: the network and generation

@@ -75,15 +75,15 @@ def test_each_rule_bias_lands_on_its_gpt2_id():
     for token in chat.encode(" blue blue red"):
         state.update(torch.tensor([token]))
     scores = state.scores()  # (1, 50257)
-    own = model.own_vocab(scores)  # (1, V)
+    own = model.vocab.own(scores)  # (1, V)
     for _, _, _, gpt2_id, bias in rules.UNIFORM:  # the uniform rule (plus diversity where the id was seen)
         assert own[0, IDS.index(gpt2_id)] == scores[0, gpt2_id] and scores[0, gpt2_id] <= bias
     assert own[0, IDS.index(EOT)] == pytest.approx(15 * 3 / 250)  # the EOS ramp after 3 tokens
     assert own[0, IDS.index(chat.encode(" blue")[0])] == -1.5  # the diversity rule, once per distinct id
     logits = model(torch.tensor([prompt]))[0][:, -1]  # (1, V)
     rowwise = rules.product_of_experts(logits, own)
-    full = rules.product_of_experts(model.full_vocab(F.log_softmax(logits, -1)), scores)  # over GPT-2's ids
-    torch.testing.assert_close(model.full_vocab(rowwise), full, atol=1e-5, rtol=0)
+    full = rules.product_of_experts(model.vocab.full(F.log_softmax(logits, -1)), scores)  # over GPT-2's ids
+    torch.testing.assert_close(model.vocab.full(rowwise), full, atol=1e-5, rtol=0)
     assert torch.isinf(full[0, 1000]) and torch.isfinite(full[0, EOT])
 
 
