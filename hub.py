@@ -113,13 +113,15 @@ HINT = "pass a local path (an HF directory or .safetensors file) instead, or set
 
 
 def _failure(e, url):
-    """A failed request as a one-line OSError that says what to do."""
+    """A failed request as a one-line OSError that says what to do (for a model, or for a dataset file)."""
+    hint = (f"run it where the hub is reachable and copy {cache_dir()} here, or set HF_ENDPOINT / HF_TOKEN"
+            if "/datasets/" in url else HINT)
     if isinstance(e, urllib.error.HTTPError):
         if e.code in (401, 403):
             return OSError(f"HTTP {e.code} for {url}: this repo is gated or private; accept its terms on the "
-                           f"hub and set HF_TOKEN, or {HINT}")
-        return OSError(f"HTTP {e.code} {e.reason} for {url}; {HINT}")
-    return OSError(f"could not reach {url} ({getattr(e, 'reason', e)}); offline? {HINT}")
+                           f"hub and set HF_TOKEN, or {hint}")
+        return OSError(f"HTTP {e.code} {e.reason} for {url}; {hint}")
+    return OSError(f"could not reach {url} ({getattr(e, 'reason', e)}); offline? {hint}")
 
 
 class HTMLPage(OSError):

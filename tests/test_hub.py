@@ -77,8 +77,10 @@ def test_dataset_url_and_missing_file(fake_hub):
     fake_hub.add("/datasets/someone/poems/resolve/main/poems.csv", b"a,b\n1,2\n")
     assert hub.hub_url("someone/poems", "poems.csv", "dataset") == f"{fake_hub.url}/datasets/someone/poems/resolve/main/poems.csv"
     assert hub.cached_download("someone/poems", "poems.csv", "dataset").read_bytes() == b"a,b\n1,2\n"
-    with pytest.raises(OSError, match="HTTP 404.*nothing.csv.*local path"):
-        hub.cached_download("someone/poems", "nothing.csv", "dataset")
+    with pytest.raises(OSError, match="HTTP 404.*nothing.csv; run it where the hub is reachable and copy .*ifwit/hub here"):
+        hub.cached_download("someone/poems", "nothing.csv", "dataset")  # a dataset: no local-model hint
+    with pytest.raises(OSError, match="HTTP 404.*model.safetensors; pass a local path"):
+        hub.cached_download("someone/nomodel", "model.safetensors")
 
 
 def test_offline_is_one_line(monkeypatch, tmp_path):
