@@ -124,7 +124,10 @@ def rule_bias(ids, prompt_len, rules):
 
 class RuleState:
     """The rules for a batch of sequences, kept up to date one token at a time. Called by GPT.generate at each
-    step as a hook: returns the rule LM's log-probabilities (B, vocab_size) for the next token."""
+    step as a hook: returns the rule LM's log-probabilities (B, vocab_size) for the next token. The rule scores
+    are one (B, vocab_size) tensor changed in place: after a token only two entries per row can change, the
+    token's own (the diversity rule, the first time it is seen) and <|endoftext|>'s (the EOS ramp), so a step
+    costs O(B) small writes instead of rebuilding the whole table."""
 
     def __init__(self, prompts, rules, device="cpu"):
         self.rules, B = rules, len(prompts)
@@ -133,24 +136,34 @@ class RuleState:
         if not rules.response_only:
             for b, prompt in enumerate(prompts):
                 self.seen[b, prompt[after_user_tag(prompt):]] = True
-        self.uniform = uniform_bias(rules).to(device) if rules.uniform else None
+        self.bias = torch.zeros(B, VOCAB, device=device)  # (B, V): the rule scores for the next token
+        if rules.uniform:
+            self.bias += uniform_bias(rules).to(device)  # the exercise's table
+        if rules.diversity:
+            self.bias -= 1.5 * self.seen
+        self.eot = self.bias[:, EOT].clone()  # (B,) <|endoftext|>'s score without the EOS ramp
+        self.ramp()
         self.steps = 0
+
+    def ramp(self):
+        """<|endoftext|>'s score: the others' plus the EOS ramp after n tokens (the exercise's eos_bias, batched)."""
+        if self.rules.eos:
+            self.bias[:, EOT] = self.eot + eos_bias(self.n, self.rules)
 
     def update(self, tokens):
         # tokens (B,): the token each sequence has just generated
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if self.rules.diversity:
+            new = ~self.seen[rows, tokens]  # (B,) the diversity rule counts each distinct id once
+            self.bias[rows, tokens] -= 1.5 * new
+            self.eot -= 1.5 * (new & (tokens == EOT))  # <|endoftext|>'s entry is rebuilt by ramp(): keep its share
+        self.seen[rows, tokens] = True
         self.n += 1
-        self.seen[torch.arange(len(tokens)), tokens] = True
+        self.ramp()
         self.steps += 1
 
     def scores(self):
-        bias = torch.zeros_like(self.seen, dtype=torch.float32)  # (B, V)
-        if self.rules.eos:
-            bias[:, EOT] += eos_bias(self.n, self.rules)  # the exercise's function, on the whole batch at once
-        if self.rules.diversity:
-            bias -= 1.5 * self.seen
-        if self.uniform is not None:
-            bias += self.uniform
-        return bias
+        return self.bias  # (B, V), kept by the state: read it, do not change it
 
     def __call__(self, logprobs, generated):
         # generated (B, n): all tokens so far; only the newest one is new to us
