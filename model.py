@@ -220,7 +220,7 @@ class GPT(nn.Module):
             logprobs = self.vocab.full(F.log_softmax(self.lm_head(h).float(), dim=-1))  # (B, 50257)
             if hook is not None:
                 logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
-            nxt = sample(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
+            nxt = next_tokens(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(done, EOT, nxt)  # finished rows run on until all are done; cut off below
             if callback is not None:
                 callback(logprobs, nxt)
@@ -297,7 +297,7 @@ class GPT(nn.Module):
         checkpoint.write_pretrained(directory, self.config, tensors)
 
 
-def sample(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
+def next_tokens(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from (B, V) log-probabilities: argmax if greedy, else temperature, top-k, top-p."""
     if greedy or temperature == 0:
         return logprobs.argmax(dim=-1)

@@ -303,11 +303,11 @@ def check_top_p(top_p_filter=None):
                 f"(softmax of the row: scores are log-probabilities divided by a temperature, not normalized), keep the "
                 f"shortest prefix of that order whose probabilities add up to at least p (the token that crosses p "
                 f"stays), set the others to -inf and leave the kept scores as they were.")
-        if V in (4, 12):  # and sample() never draws outside the kept set
+        if V in (4, 12):  # and next_tokens() never draws outside the kept set
             logprobs = torch.log_softmax(scores, -1)
             drawn = [set() for _ in scores]
             for _ in range(100):
-                for b, t in enumerate(call(model.sample, logprobs, top_p=p, generator=g, what="model.sample").tolist()):
+                for b, t in enumerate(call(model.next_tokens, logprobs, top_p=p, generator=g, what="model.next_tokens").tolist()):
                     drawn[b].add(t)
             for b, row in enumerate(scores):
                 assert drawn[b] <= nucleus(row, p), f"sample(top_p={p:.3f}) drew {sorted(drawn[b] - nucleus(row, p))}, outside the kept set {sorted(nucleus(row, p))}"
@@ -320,7 +320,7 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
 def test_top_p_exercise_leaves_greedy_decoding_alone(monkeypatch):
     logprobs = torch.log_softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), -1)
     monkeypatch.setattr(model, "top_p_filter", lambda scores, p: 1 / 0)  # a broken exercise
-    assert torch.equal(model.sample(logprobs, greedy=True), logprobs.argmax(-1))
+    assert torch.equal(model.next_tokens(logprobs, greedy=True), logprobs.argmax(-1))
 
 
 # the checks catch wrong answers: each exercise's function replaced by plausible mistakes and by a hard-coded answer

@@ -162,14 +162,14 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(small_hf):
 
 
 def test_top_k_top_p_filter_exactly():
-    from model import sample
+    from model import next_tokens
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {sample(logprobs, top_k=2, generator=g).item() for _ in range(300)}
+    draws = {next_tokens(logprobs, top_k=2, generator=g).item() for _ in range(300)}
     assert draws == {0, 1}
-    draws = {sample(logprobs, top_p=0.8, generator=g).item() for _ in range(300)}
+    draws = {next_tokens(logprobs, top_p=0.8, generator=g).item() for _ in range(300)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.8: the smallest set with that mass
-    draws = {sample(logprobs, top_p=0.81, generator=g).item() for _ in range(300)}
+    draws = {next_tokens(logprobs, top_p=0.81, generator=g).item() for _ in range(300)}
     assert draws == {0, 1, 2}
 
 
