@@ -508,10 +508,14 @@ def world_seed(seed, rows, runs, with_rules, config, device, dtype):
     return results
 
 
+def sd(values):
+    """The sample standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def spread(values):
-    """'mean ± sd' of one metric over seeds (the sample standard deviation)."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    """'mean ± sd' of one metric over seeds."""
+    return f"{statistics.mean(values):.1f} ± {sd(values):.1f}"
 
 
 def world_markdown(by_seed):
@@ -544,7 +548,7 @@ def world_chart(by_seed, path):
         values = [[by_seed[s][label][key] for s in by_seed] for label in labels]
         y = [i + (k - 0.5) * 0.4 for i in range(len(labels))]
         ax.barh(y, [statistics.mean(v) for v in values], height=0.4, color=color, label=f"{key} families",
-                xerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3)
+                xerr=[sd(v) for v in values], capsize=3)
         for yi, v in zip(y, values):
             ax.plot(v, [yi] * len(v), "k.", markersize=3)
     ax.set_yticks(range(len(labels)), labels)
@@ -565,7 +569,7 @@ def sweep_chart(by_seed, lrs, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, color in (("held-out", "tab:orange"), ("finetuned", "tab:blue")):
         values = [[by_seed[s][label][key] for s in by_seed] for label in labels]
-        ax.errorbar(lrs, [statistics.mean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
+        ax.errorbar(lrs, [statistics.mean(v) for v in values], yerr=[sd(v) for v in values],
                     marker="o", capsize=3, color=color, label=f"{key} families")
     ax.set(xscale="log", ylim=(0, 100), xlabel="response-tuning learning rate (60 steps of 16)",
            ylabel=f"correct %, mean ± sd over {len(by_seed)} seeds")
@@ -640,11 +644,8 @@ def main(argv):
     if config["negatives"] < 1 or config["batch_size"] < 1 or limit < 1:
         raise ValueError(f"--negatives={config['negatives']}, --batch_size={config['batch_size']}, --max_new_tokens={limit}: "
                          "expected each >= 1")
-    if not config["compare"]:  # a typo or a half-trained run fails now, not after an hour of generation
-        for spec in config["models"].split():
-            check_finished(spec)
     models = comparison(config) if config["compare"] else [(spec, spec, limit) for spec in config["models"].split()]
-    for _, spec, _ in models:
+    for _, spec, _ in models:  # a typo or a half-trained run fails now, not after an hour of generation
         check_finished(spec)
     results = {}
     for label, spec, max_new_tokens in models:

@@ -409,7 +409,7 @@ def build_model(config, ckpt, datasets):
     if config["block_size"] > model.config.block_size:
         raise ValueError(f"--block_size={config['block_size']} exceeds the model's context ({model.config.block_size})")
     for path, examples in datasets:  # a restricted vocabulary must cover the data
-        unknown = model.vocab.unknown(sorted({t for ids, _ in examples for t in ids}))
+        unknown = model.vocab.unknown(t for ids, _ in examples for t in ids)  # read only if restricted
         if unknown:
             raise ValueError(f"{path}: {len(unknown)} token ids outside the model's vocabulary, e.g. "
                              f"{unknown[:5]} ({chat.decode(unknown[:5])!r})")

@@ -48,8 +48,10 @@ class Vocabulary(nn.Module):
         return full.index_copy_(-1, self.token_ids, logprobs)
 
     def unknown(self, ids):
-        """The GPT-2 ids in the list `ids` that the model has no row for (none for GPT-2), sorted."""
-        if self.row_of is None or not ids:
+        """The GPT-2 ids among `ids` (any iterable) that the model has no row for, sorted; for GPT-2 none, at no
+        cost (the iterable is never read)."""
+        ids = [] if self.row_of is None else list(set(ids))
+        if not ids:
             return []
         ids = torch.tensor(ids, dtype=torch.long, device=self.row_of.device)
         return sorted(set(ids[self.rows(ids) < 0].tolist()))
