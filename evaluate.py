@@ -49,7 +49,7 @@ import chat
 from checkpoint import progress
 from cli import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, pyplot, read_toml, use_threads
 from model import EOT, GPT, varying_lengths
-from rules import RuleState, parse_rules, product_of_experts, respond
+from rules import NO_RULES, RuleState, parse_rules, product_of_experts, respond
 
 ROOT = Path(__file__).resolve().parent
 WORLD = ROOT / "data" / "tinyworld"
@@ -134,7 +134,7 @@ def encode_pair(instruction, response, block_size):
 
 
 @torch.no_grad()
-def score_responses(model, rules, pairs, device, dtype, batch_size=8):
+def score_responses(model, rule_set, pairs, device, dtype, batch_size=8):
     """[(instruction, response)] -> the log-probability of each token of each response and of the <|endoftext|>
     closing it, given its instruction in the chat format, under the model (times the rules when on: the
     same product of experts the sampler uses). Pairs of similar length are scored together, right-padded."""
@@ -143,12 +143,12 @@ def score_responses(model, rules, pairs, device, dtype, batch_size=8):
     out = [None] * len(pairs)
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", file=sys.stderr, leave=False):
         chunk = order[start:start + batch_size]
-        for k, logprobs in zip(chunk, score_batch(model, rules, [encoded[k] for k in chunk], device, dtype)):
+        for k, logprobs in zip(chunk, score_batch(model, rule_set, [encoded[k] for k in chunk], device, dtype)):
             out[k] = logprobs
     return out
 
 
-def score_batch(model, rules, batch, device, dtype, chunk=64):
+def score_batch(model, rule_set, batch, device, dtype, chunk=64):
     B, L = len(batch), max(len(ids) for ids, _ in batch) - 1
     x = torch.zeros((B, L), dtype=torch.long)
     targets = torch.full((B, max(len(ids) - p for ids, p in batch)), EOT, dtype=torch.long)  # (B, T), padded
@@ -158,7 +158,7 @@ def score_batch(model, rules, batch, device, dtype, chunk=64):
     x, targets = x.to(device), targets.to(device)
     rows = model.vocab.rows(targets)  # the targets' rows of lm_head (the ids themselves for GPT-2)
     first = torch.tensor([p - 1 for _, p in batch], device=device)  # the position that predicts each first target
-    state = RuleState([ids[:p] for ids, p in batch], rules, device) if rules is not None else None
+    state = RuleState([ids[:p] for ids, p in batch], rule_set, device) if rule_set.on else None
     picked = []  # (B, n) log-probs of the targets, `chunk` target positions at a time: logits are (B, chunk, V)
     with autocast(device, dtype), varying_lengths():  # every batch has a length of its own
         h = model.hidden(x)  # (B, L, C): right padding is never seen by the real tokens before it
@@ -198,18 +198,18 @@ def ranking_win_rate(score, n, negatives, seed):
 
 
 def parse_model(spec):
-    """'NAME', 'NAME+rules' or 'NAME+rules=eos,uniform' -> (NAME, Rules or None)."""
+    """'NAME', 'NAME+rules' or 'NAME+rules=eos,uniform' -> (NAME, RuleSet; NO_RULES without +rules)."""
     init_from, with_rules, rule_text = spec.partition("+rules")
     try:
-        return init_from, parse_rules(rule_text.removeprefix("=") or "all") if with_rules else None
+        return init_from, parse_rules(rule_text.removeprefix("=") or "all") if with_rules else NO_RULES
     except ValueError as e:
         raise ValueError(f"--models: {spec}: {str(e).split(': ', 1)[1]}") from None
 
 
-def score_pairs(model, rules, rows, pairs, config, device, dtype):
+def score_pairs(model, rule_set, rows, pairs, config, device, dtype):
     """{(i, j): log-probs of row j's reference response under row i's instruction} for the pairs asked."""
     unique = sorted(set(pairs))
-    logprobs = score_responses(model, rules, [(rows[i]["instruction"], rows[j]["reference"]) for i, j in unique],
+    logprobs = score_responses(model, rule_set, [(rows[i]["instruction"], rows[j]["reference"]) for i, j in unique],
                                device, dtype, config["batch_size"])
     return dict(zip(unique, logprobs))
 
@@ -217,26 +217,26 @@ def score_pairs(model, rules, rows, pairs, config, device, dtype):
 def evaluate_model(spec, rows, ranked, config, device, dtype, max_new_tokens):
     """Generate for every instruction of `rows`, score their references, rank the responses of `ranked` (rows
     with references): -> (metrics, AlpacaEval rows)."""
-    init_from, rules = parse_model(spec)
+    init_from, rule_set = parse_model(spec)
     model = GPT.from_pretrained(init_from).to(device).eval()
     outputs = []
     for i in tqdm(range(0, len(rows), config["batch_size"]), desc=f"{spec}: generating", file=sys.stderr):
         batch = rows[i:i + config["batch_size"]]
         outputs += respond(model, [chat.encode_prompt(r["instruction"]) for r in batch],
                            {**config, "max_new_tokens": max_new_tokens, "greedy": True, "temperature": 1.0,
-                            "top_k": 0, "top_p": 1.0}, rules, device, dtype)
+                            "top_k": 0, "top_p": 1.0}, rule_set, device, dtype)
     metrics = proxies(outputs, [r["instruction"] for r in rows])
     table = {}
     if len(ranked) >= 2:  # the ranking's draws depend on the seed alone: collect the pairs, score them batched
         wanted = []
         ranking_win_rate(lambda i, j: wanted.append((i, j)) or 0.0, len(ranked), config["negatives"], config["seed"])
-        table = score_pairs(model, rules, ranked, wanted, config, device, dtype)
+        table = score_pairs(model, rule_set, ranked, wanted, config, device, dtype)
         metrics["ranking"] = ranking_win_rate(lambda i, j: table[(i, j)].mean().item(), len(ranked),
                                               config["negatives"], config["seed"])
     references = [r for r in rows if r["reference"] is not None]
     if references:  # the ranking scored every own response already when it ranked these same rows
         own = table if ranked == references and table else \
-            score_pairs(model, rules, references, [(i, i) for i in range(len(references))], config, device, dtype)
+            score_pairs(model, rule_set, references, [(i, i) for i in range(len(references))], config, device, dtype)
         metrics["nll"] = -torch.cat([own[(i, i)] for i in range(len(references))]).mean().item()
     alpaca = [{"instruction": r["instruction"], "output": chat.decode(out).strip(), "generator": spec,
                "dataset": r["dataset"]} for r, out in zip(rows, outputs)]
@@ -434,7 +434,7 @@ WORLD_RUNS = [("instruction-tuned", "tinyworld_instruction"), ("response-tuned",
               ("poetry-tuned", "tinyworld_poem")]  # (label, config/<name>.toml): the single task is the poem
 
 
-def judge(model, rules, rows, device, dtype):
+def judge(model, rule_set, rows, device, dtype):
     """Greedy answers to every row's instruction in the chat format, judged exactly: an answer is correct when it
     ends with <|endoftext|> (the model stopped) and its family's checker (data/tinyworld/world.py) accepts it.
     `answered`: the checker accepts the text before any new <|user|> turn, stopped or not (what the model knew)."""
@@ -442,7 +442,7 @@ def judge(model, rules, rows, device, dtype):
     judged = []
     for i in range(0, len(rows), WORLD_BATCH):
         batch = rows[i:i + WORLD_BATCH]
-        answers = respond(model, [chat.encode_prompt(r["instruction"]) for r in batch], settings, rules, device, dtype)
+        answers = respond(model, [chat.encode_prompt(r["instruction"]) for r in batch], settings, rule_set, device, dtype)
         for row, tokens in zip(batch, answers):
             text, stopped = chat.decode(tokens).strip(), tokens[-1:] == [EOT]
             judged.append({"family": row["family"], "instruction": row["instruction"], "response": text,
@@ -451,7 +451,7 @@ def judge(model, rules, rows, device, dtype):
     return judged
 
 
-def world_ranking(model, rules, rows, config, device, dtype):
+def world_ranking(model, rule_set, rows, config, device, dtype):
     """The paper's response ranking (Table 2) in the world: under each instruction, its own reference answer
     against one answer of every other family (that family's row at the same index, cycled); the % of
     comparisons the own answer wins on mean log-probability per token."""
@@ -459,7 +459,7 @@ def world_ranking(model, rules, rows, config, device, dtype):
     others = [(i, ks[i % len(ks)]) for i, r in enumerate(rows) for f, ks in by_family.items() if f != r["family"] and ks]
     ranked = [{"instruction": r["instruction"], "reference": r["answer"]} for r in rows]
     pairs = others + [(i, i) for i in range(len(rows))]
-    table = score_pairs(model, rules, ranked, pairs, {**config, "batch_size": WORLD_BATCH}, device, dtype)
+    table = score_pairs(model, rule_set, ranked, pairs, {**config, "batch_size": WORLD_BATCH}, device, dtype)
     mean = {pair: logprobs.mean().item() for pair, logprobs in table.items()}
     return 100 * sum(mean[(i, i)] > mean[(i, j)] for i, j in others) / len(others)
 
@@ -500,10 +500,10 @@ def world_seed(seed, rows, runs, with_rules, config, device, dtype):
         models.append((label, str(run_dir)))
     results = {}
     for label, spec in tqdm(models, desc=f"seed {seed}: judging", file=sys.stderr):
-        init_from, rules = parse_model(spec)
+        init_from, rule_set = parse_model(spec)
         model = GPT.from_pretrained(init_from).to(device).eval()
-        judged = judge(model, rules, rows, device, dtype)
-        results[label] = world_metrics(judged, world_ranking(model, rules, rows, config, device, dtype))
+        judged = judge(model, rule_set, rows, device, dtype)
+        results[label] = world_metrics(judged, world_ranking(model, rule_set, rows, config, device, dtype))
         chat.write_jsonl(out / f"{file_name(label)}.jsonl", judged)
     return results
 

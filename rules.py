@@ -52,12 +52,13 @@ UNIFORM = [(29966,      "<",         "<",            27,    -4.0),
            (444,        "▁##",       " ##",       22492,    +1.0),  # commented "##"
            (13,         "<0x0A>",    "\n",          198,    +1.0),
            (29991,      "!",         "!",             0,    +1.0)]
-RULES = ("eos", "diversity", "uniform")
+RULE_NAMES = ("eos", "diversity", "uniform")
 
 
 @dataclass(frozen=True)
-class Rules:
-    """Which rules are on, and the choices where the official code and the paper's text differ (README)."""
+class RuleSet:
+    """Which rules are on, and the choices where the official code and the paper's text differ (README). The
+    module is the rule LM, RULE_NAMES the rules' names, a RuleSet one choice of them (NO_RULES: plain GPT-2)."""
     eos: bool = True
     diversity: bool = True
     uniform: bool = True
@@ -65,35 +66,41 @@ class Rules:
     response_only: bool = False  # penalize repeats of response tokens only; the code also covers the instruction
     what_bias: float = -5.0  # "What": -5 in Listing 1 and the code, -3 in Table 8
 
+    @property
+    def on(self):
+        """Whether any rule is on: with none, generation and scoring are the pretrained LM's alone."""
+        return self.eos or self.diversity or self.uniform
+
+
+NO_RULES = RuleSet(eos=False, diversity=False, uniform=False)
+
 
 def parse_rules(text, **options):
-    """'eos,diversity,uniform' (or 'all' / 'True', from a bare --rules) -> Rules; 'none' or '' -> None."""
-    names = {"all": RULES, "true": RULES, "none": (), "": ()}.get(text.lower())
+    """'eos,diversity,uniform' (or 'all' / 'True', from a bare --rules) -> RuleSet; 'none' or '' -> NO_RULES."""
+    names = {"all": RULE_NAMES, "true": RULE_NAMES, "none": (), "": ()}.get(text.lower())
     if names is None:
         names = tuple(name.strip() for name in text.split(","))
         for name in names:
-            if name not in RULES:
-                raise ValueError(f"--rules={text}: unknown rule '{name}' (use {', '.join(RULES)}, all or none)")
-    if not names:
-        return None
-    return Rules(**{name: name in names for name in RULES}, **options)
+            if name not in RULE_NAMES:
+                raise ValueError(f"--rules={text}: unknown rule '{name}' (use {', '.join(RULE_NAMES)}, all or none)")
+    return RuleSet(**{name: name in names for name in RULE_NAMES}, **options)
 
 
-def uniform_bias(rules):
+def uniform_bias(rule_set):
     bias = torch.zeros(VOCAB)
     for _, piece, _, token, value in UNIFORM:
-        bias[token] = rules.what_bias if piece == "What" else value
+        bias[token] = rule_set.what_bias if piece == "What" else value
     return bias
 
 
 # ----------------------------------------------------------------------------------- the rules, from scratch
 
-def eos_bias(n, rules):
+def eos_bias(n, rule_set):
     """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token; from 250
-    on 0 (the official code), or 15 with rules.eos_hold. n is a count, or a tensor of counts (RuleState passes
+    on 0 (the official code), or 15 with rule_set.eos_hold. n is a count, or a tensor of counts (RuleState passes
     one per sequence of its batch): the same arithmetic serves both."""
     ramping = (0 < n) & (n < 250)  # a bool, or a bool tensor
-    held = (n >= 250) & rules.eos_hold
+    held = (n >= 250) & rule_set.eos_hold
     return ramping * (15 * n / 250) + held * 15.0
 
 
@@ -105,18 +112,18 @@ def after_user_tag(ids):
     return 0
 
 
-def rule_bias(ids, prompt_len, rules):
+def rule_bias(ids, prompt_len, rule_set):
     """The rule scores (vocab_size,) for the token after `ids`, a 1-D list whose first prompt_len tokens are
     the prompt: the reference computation, from scratch, one rule at a time."""
     bias = torch.zeros(VOCAB)
-    if rules.eos:
-        bias[EOT] += eos_bias(len(ids) - prompt_len, rules)
-    if rules.diversity:
-        start = prompt_len if rules.response_only else after_user_tag(ids[:prompt_len])
+    if rule_set.eos:
+        bias[EOT] += eos_bias(len(ids) - prompt_len, rule_set)
+    if rule_set.diversity:
+        start = prompt_len if rule_set.response_only else after_user_tag(ids[:prompt_len])
         for token in set(ids[start:]):  # once per distinct id, however often it occurs
             bias[token] -= 1.5
-    if rules.uniform:
-        bias += uniform_bias(rules)
+    if rule_set.uniform:
+        bias += uniform_bias(rule_set)
     return bias
 
 
@@ -129,17 +136,17 @@ class RuleState:
     token's own (the diversity rule, the first time it is seen) and <|endoftext|>'s (the EOS ramp), so a step
     costs O(B) small writes instead of rebuilding the whole table."""
 
-    def __init__(self, prompts, rules, device="cpu"):
-        self.rules, B = rules, len(prompts)
+    def __init__(self, prompts, rule_set, device="cpu"):
+        self.rule_set, B = rule_set, len(prompts)
         self.n = torch.zeros(B, dtype=torch.long, device=device)  # response tokens generated so far
         self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)  # ids the diversity rule penalizes
-        if not rules.response_only:
+        if not rule_set.response_only:
             for b, prompt in enumerate(prompts):
                 self.seen[b, prompt[after_user_tag(prompt):]] = True
         self.bias = torch.zeros(B, VOCAB, device=device)  # (B, V): the rule scores for the next token
-        if rules.uniform:
-            self.bias += uniform_bias(rules).to(device)  # the exercise's table
-        if rules.diversity:
+        if rule_set.uniform:
+            self.bias += uniform_bias(rule_set).to(device)  # the exercise's table
+        if rule_set.diversity:
             self.bias -= 1.5 * self.seen
         self.eot = self.bias[:, EOT].clone()  # (B,) <|endoftext|>'s score without the EOS ramp
         self.ramp()
@@ -147,13 +154,13 @@ class RuleState:
 
     def ramp(self):
         """<|endoftext|>'s score: the others' plus the EOS ramp after n tokens (the exercise's eos_bias, batched)."""
-        if self.rules.eos:
-            self.bias[:, EOT] = self.eot + eos_bias(self.n, self.rules)
+        if self.rule_set.eos:
+            self.bias[:, EOT] = self.eot + eos_bias(self.n, self.rule_set)
 
     def update(self, tokens):
         # tokens (B,): the token each sequence has just generated
         rows = torch.arange(len(tokens), device=tokens.device)
-        if self.rules.diversity:
+        if self.rule_set.diversity:
             new = ~self.seen[rows, tokens]  # (B,) the diversity rule counts each distinct id once
             self.bias[rows, tokens] -= 1.5 * new
             self.eot -= 1.5 * (new & (tokens == EOT))  # <|endoftext|>'s entry is rebuilt by ramp(): keep its share
@@ -178,11 +185,11 @@ def product_of_experts(logits, rule_scores):
     return F.log_softmax(F.log_softmax(logits.float(), dim=-1) + F.log_softmax(rule_scores, dim=-1), dim=-1)
 
 
-def respond(model, prompts, config, rules, device, dtype, stream=None):
-    """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a Rules, or None for
+def respond(model, prompts, config, rule_set, device, dtype, stream=None):
+    """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a RuleSet; NO_RULES for
     plain GPT-2) as its per-step hook; `config` holds sample.py's decoding flags. stream(token), if given, sees
     each token of the first prompt's answer as it comes."""
-    hook = RuleState(prompts, rules, device) if rules else None
+    hook = RuleState(prompts, rule_set, device) if rule_set.on else None
     generator = torch.Generator(device).manual_seed(config["seed"])
     callback = (lambda logprobs, tokens: stream(int(tokens[0]))) if stream else None
     with autocast(device, dtype):
@@ -193,7 +200,7 @@ def respond(model, prompts, config, rules, device, dtype, stream=None):
 
 # -------------------------------------------------------------------------------------- the README's figure
 
-def explain(instruction, response, rules=Rules(), path="rules.png"):
+def explain(instruction, response, rule_set=RuleSet(), path="rules.png"):
     """Print, for each token of a response, the bias the diversity and uniform rules gave it and the EOS rule's
     bias on <|endoftext|> at that step; plot them to `path`, the EOS ramp drawn on to 260 tokens."""
     import chat
@@ -201,10 +208,10 @@ def explain(instruction, response, rules=Rules(), path="rules.png"):
     ids = prompt + chat.encode(response)
     rows = []  # (step, token text, diversity bias on it, uniform bias on it, EOS bias)
     for t in range(len(prompt), len(ids)):
-        diversity = rule_bias(ids[:t], len(prompt), DIVERSITY_ONLY)[ids[t]] if rules.diversity else 0.0
-        uniform = rule_bias(ids[:t], len(prompt), UNIFORM_ONLY)[ids[t]] if rules.uniform else 0.0
+        diversity = rule_bias(ids[:t], len(prompt), DIVERSITY_ONLY)[ids[t]] if rule_set.diversity else 0.0
+        uniform = rule_bias(ids[:t], len(prompt), UNIFORM_ONLY)[ids[t]] if rule_set.uniform else 0.0
         rows.append((t - len(prompt), chat.tokenizer().decode([ids[t]]), float(diversity), float(uniform),
-                     eos_bias(t - len(prompt), rules) if rules.eos else 0.0))
+                     eos_bias(t - len(prompt), rule_set) if rule_set.eos else 0.0))
     print(f"{'step':>4}  {'token':<14} {'diversity':>9} {'uniform':>9}   EOS bias (on <|endoftext|>)")
     for step, text, diversity, uniform, eos in rows:
         print(f"{step:>4}  {text!r:<14} {diversity:>+9.2f} {uniform:>+9.2f}   {eos:+.2f}")
@@ -214,8 +221,8 @@ def explain(instruction, response, rules=Rules(), path="rules.png"):
         return
     fig, ax = plt.subplots(figsize=(9, 3.6))
     steps = [r[0] for r in rows]
-    if rules.eos:
-        ax.plot(range(261), [eos_bias(n, rules) for n in range(261)], color="tab:red", ls=":", lw=1)
+    if rule_set.eos:
+        ax.plot(range(261), [eos_bias(n, rule_set) for n in range(261)], color="tab:red", ls=":", lw=1)
         ax.plot(steps, [r[4] for r in rows], color="tab:red", label="EOS rule: bias on <|endoftext|> (dotted: on to 260)")
     ax.step(steps, [r[2] for r in rows], where="mid", color="tab:blue", label="diversity rule: bias on the token written")
     ax.step(steps, [r[3] for r in rows], where="mid", color="tab:green", label="uniform rule: bias on the token written")
@@ -227,7 +234,7 @@ def explain(instruction, response, rules=Rules(), path="rules.png"):
     print(f"wrote {path}", file=sys.stderr)
 
 
-EOS_ONLY, DIVERSITY_ONLY, UNIFORM_ONLY = Rules(True, False, False), Rules(False, True, False), Rules(False, False, True)
+EOS_ONLY, DIVERSITY_ONLY, UNIFORM_ONLY = RuleSet(True, False, False), RuleSet(False, True, False), RuleSet(False, False, True)
 
 RESPONSE = """Here is a simple tiramisu:
 

@@ -179,7 +179,7 @@ def read_partial(path, rows, settings):
     return answers
 
 
-def generate_answers(model, rows, answers, file, config, rules, device, dtype, generator):
+def generate_answers(model, rows, answers, file, config, rule_set, device, dtype, generator):
     """Answer rows[len(answers):] in batches, appending each answer to `answers` and to `file` (flushed per
     batch) as it comes. Returns how many prompts were cut to fit the context."""
     cut = 0
@@ -189,7 +189,7 @@ def generate_answers(model, rows, answers, file, config, rules, device, dtype, g
             prompts = [fit_prompt(chat.encode_prompt(r["instruction"]), model.config.block_size,
                                   config["max_new_tokens"]) for r in batch]
             cut += sum(was_cut for _, was_cut in prompts)
-            for row, out in zip(batch, respond(model, [p for p, _ in prompts], config, rules, device, dtype)):
+            for row, out in zip(batch, respond(model, [p for p, _ in prompts], config, rule_set, device, dtype)):
                 answers.append({"instruction": row["instruction"], "output": chat.decode(out).strip(),
                                 "generator": generator, "dataset": row["dataset"]})
                 file.write(json.dumps(answers[-1], ensure_ascii=False) + "\n")
@@ -205,10 +205,10 @@ def read_file_job(config):
     return rows, out, read_partial(partial_path(out), rows, {key: config[key] for key in ANSWER_FLAGS})
 
 
-def answer_file(model, config, rules, device, dtype, rows, out, answers):
+def answer_file(model, config, rule_set, device, dtype, rows, out, answers):
     """Answer every instruction of `rows` into `out` (AlpacaEval's JSON list), after the `answers` an earlier run
     kept, resumably: see the docstring."""
-    generator = f"{Path(config['init_from']).name or config['init_from']}" + (f"+rules:{config['rules']}" if rules else "")
+    generator = f"{Path(config['init_from']).name or config['init_from']}" + (f"+rules:{config['rules']}" if rule_set.on else "")
     settings, partial = {key: config[key] for key in ANSWER_FLAGS}, partial_path(out)
     if answers:
         print(f"resuming from {partial}: {len(answers)} of {len(rows)} instructions already answered", file=sys.stderr)
@@ -216,7 +216,7 @@ def answer_file(model, config, rules, device, dtype, rows, out, answers):
     chat.write_jsonl(partial, [{"settings": settings}] + answers)
     try:
         with open(partial, "a", encoding="utf-8") as file:
-            cut = generate_answers(model, rows, answers, file, config, rules, device, dtype, generator)
+            cut = generate_answers(model, rows, answers, file, config, rule_set, device, dtype, generator)
     except (KeyboardInterrupt, Stopped) as e:
         code, what = (e.code, str(e)) if isinstance(e, Stopped) else (128 + signal.SIGINT, "interrupted")
         raise Stopped(code, f"{what}: {len(answers)} of {len(rows)} answers kept in {partial}; "
@@ -232,7 +232,7 @@ def answer_file(model, config, rules, device, dtype, rows, out, answers):
 
 # ----------------------------------------------------------------------------------- a chat in the terminal
 
-def interactive(model, config, rules, device, dtype):
+def interactive(model, config, rule_set, device, dtype):
     """A chat in the terminal: the conversation so far is the prompt; /reset forgets it, Ctrl-D leaves."""
     print("chat with the model; /reset starts over, Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
     messages = []
@@ -245,10 +245,10 @@ def interactive(model, config, rules, device, dtype):
         if text.strip() == "/reset":
             messages = []
         elif text.strip():
-            messages = chat_turn(model, messages, text, config, rules, device, dtype)
+            messages = chat_turn(model, messages, text, config, rule_set, device, dtype)
 
 
-def chat_turn(model, messages, text, config, rules, device, dtype):
+def chat_turn(model, messages, text, config, rule_set, device, dtype):
     """The conversation with the user's `text` and the model's reply added. A message too long to leave room
     for a reply is refused (the conversation is returned unchanged). Ctrl-C during the reply stops it, and the
     part already shown stays in the conversation, so that the model remembers what the screen shows."""
@@ -267,7 +267,7 @@ def chat_turn(model, messages, text, config, rules, device, dtype):
     sys.stdout.write("assistant> ")
     printer = Printer()
     try:
-        out = respond(model, [prompt], config, rules, device, dtype, stream=printer)[0]
+        out = respond(model, [prompt], config, rule_set, device, dtype, stream=printer)[0]
     except KeyboardInterrupt:
         out = printer.tokens
         print("\n(reply stopped; the part shown stays in the conversation)", file=sys.stderr)
@@ -278,7 +278,7 @@ def chat_turn(model, messages, text, config, rules, device, dtype):
 
 def main(argv):
     config = check_flags(parse_flags(DEFAULTS, argv, __doc__), argv)
-    rules = parse_rules(config["rules"], eos_hold=config["eos_hold"], response_only=config["response_only"],
+    rule_set = parse_rules(config["rules"], eos_hold=config["eos_hold"], response_only=config["response_only"],
                         what_bias=config["what_bias"])
     use_threads(config["threads"])
     device = pick_device(config["device"])
@@ -292,15 +292,15 @@ def main(argv):
     print(f"loaded {config['init_from']} ({model.num_params() / 1e6:.0f}M parameters) on {device} in {dtype} "
           f"in {time.time() - t0:.1f}s; rules: {config['rules']}", file=sys.stderr)
     if config["instructions"]:
-        return answer_file(model, config, rules, device, dtype, *job)
+        return answer_file(model, config, rule_set, device, dtype, *job)
     if not config["prompt"]:
-        return interactive(model, config, rules, device, dtype)
+        return interactive(model, config, rule_set, device, dtype)
     prompt = chat.encode(config["prompt"]) if config["raw"] else chat.encode_prompt(config["prompt"])
     if sys.stdout.isatty():
-        respond(model, [prompt], config, rules, device, dtype, stream=Printer())
+        respond(model, [prompt], config, rule_set, device, dtype, stream=Printer())
         print()
     else:
-        print(chat.decode(respond(model, [prompt], config, rules, device, dtype)[0]))
+        print(chat.decode(respond(model, [prompt], config, rule_set, device, dtype)[0]))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ DEFAULTS = {
     "block_size": (1024, "tokens per example; longer ones are truncated (and counted)"),
     "dropout": (0.0, "dropout in the model while training"),
     "eval_interval": (50, "evaluate, checkpoint and export every this many steps (and at the end)"),
-    "show_examples": (3, "print answers to this many held-out instructions before and after training"),
+    "preview": (3, "print the answers to this many of PREVIEW_INSTRUCTIONS before and after training"),
     **DEVICE_FLAGS,
     "compile": (False, "torch.compile the model (faster on GPUs, slow to start)"),
     "seed": (1337, "seeds the data order, initialization and dropout"),
@@ -71,9 +71,9 @@ DEFAULTS = {
                   "data/tinyworld/vocab.json); empty = all 50,257"),
 }
 DEFAULTS_VALUES = {key: value for key, (value, _) in DEFAULTS.items()}
-RESUMABLE = {"init_from", "out_dir", "max_iters", "epochs", "eval_interval", "show_examples", "compile", "overwrite",
+RESUMABLE = {"init_from", "out_dir", "max_iters", "epochs", "eval_interval", "preview", "compile", "overwrite",
              *DEVICE_FLAGS}  # what --init_from=resume may change; any other flag must match the run's own
-EXAMPLES = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
+PREVIEW_INSTRUCTIONS = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
             "Write a short poem about the ocean.",
             "What are three tips for staying focused while studying?"]
 # ---------------------------------------------------------------------------------------------------------
@@ -209,8 +209,9 @@ def val_loss(model, examples, config, device, dtype):
     return total
 
 
-def show_examples(model, title, n, device, dtype):
-    prompts = [chat.encode_prompt(q) for q in EXAMPLES[:n]]
+def preview_answers(model, title, n, device, dtype):
+    """Print the model's greedy answers to the first n PREVIEW_INSTRUCTIONS: what finetuning changed, at a glance."""
+    prompts = [chat.encode_prompt(q) for q in PREVIEW_INSTRUCTIONS[:n]]
     if n <= 0 or model.vocab.unknown([t for p in prompts for t in p]):  # a restricted vocabulary cannot read them
         return
     print(f"\n=== {title} ===")
@@ -218,7 +219,7 @@ def show_examples(model, title, n, device, dtype):
     with autocast(device, dtype):
         outs = model.generate(prompts, 128, greedy=True)
     model.train()
-    for q, out in zip(EXAMPLES[:n], outs):
+    for q, out in zip(PREVIEW_INSTRUCTIONS[:n], outs):
         print(f"<|user|> {q}\n<|assistant|> {chat.decode(out).strip()}{'' if out[-1:] == [chat.EOT] else ' [...]'}\n")
 
 
@@ -425,7 +426,7 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
     train, val, max_iters, raw_model, optimizer, scaler, step, log = set_up(config, ckpt, out_dir, device, dtype,
                                                                             world, say)
     if ckpt is None and master:
-        show_examples(raw_model, "before training", config["show_examples"], device, dtype)
+        preview_answers(raw_model, "before training", config["preview"], device, dtype)
     model = torch.compile(raw_model) if config["compile"] else raw_model  # raw_model: what is saved and evaluated
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
@@ -456,15 +457,15 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
         lr = get_lr(step, max_iters, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        examples = micro_batches(train, step, config, rank, world)
-        step_loss = forward_backward(model, raw_model, scaler, examples, config, device, dtype, ddp, world)
+        micro = micro_batches(train, step, config, rank, world)  # this process's share of the step's examples
+        step_loss = forward_backward(model, raw_model, scaler, micro, config, device, dtype, ddp, world)
         if ddp:
             agree_to_stop(stop, device)
         if not torch.isfinite(step_loss):
             raise diverged(step_loss, raw_model, step, step == first_step, out_dir, saved)
         update(model, optimizer, scaler, config["grad_clip"])
         step += 1
-        tokens_per_s = sum(len(ids) for b in examples for ids, _ in b) * world / (time.time() - t0)  # real tokens
+        tokens_per_s = sum(len(ids) for b in micro for ids, _ in b) * world / (time.time() - t0)  # real tokens
         log.append({"step": step, "loss": round(step_loss.item(), 6), "lr": lr, "tokens_per_s": round(tokens_per_s)})
         bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
                         **({"mfu": f"{100 * flops_per_token * tokens_per_s / peak:.1f}%"} if peak else {}))
@@ -482,14 +483,14 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
     return finish(raw_model, log, stop, step, out_dir, config, device, dtype, ddp, master)
 
 
-def forward_backward(model, raw_model, scaler, examples, config, device, dtype, ddp, world):
-    """Accumulate the gradients of one optimizer step over its micro-batches `examples`; returns the step's loss
-    (summed over the processes with DDP)."""
-    batches = [collate(b, device, config["block_size"]) for b in examples]
+def forward_backward(model, raw_model, scaler, micro, config, device, dtype, ddp, world):
+    """Accumulate the gradients of one optimizer step over its micro-batches `micro` (lists of examples); returns
+    the step's loss (summed over the processes with DDP)."""
+    batches = [collate(b, device, config["block_size"]) for b in micro]
     # each sequence (--loss=example) or each trained token (--loss=token) of the step weighs the same,
     # whichever micro-batch or process it is in
     per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
-    n_tokens = torch.tensor(float(sum(t != -1 for b in examples for _, targets in b for t in targets)), device=device)
+    n_tokens = torch.tensor(float(sum(t != -1 for b in micro for _, targets in b for t in targets)), device=device)
     if ddp:
         torch.distributed.all_reduce(n_tokens)
     step_loss = torch.zeros((), device=device)
@@ -538,7 +539,7 @@ def update(model, optimizer, scaler, grad_clip):
 
 def finish(model, log, stop, step, out_dir, config, device, dtype, ddp, master):
     """After the loop: leave DDP; on the master, say how the run ended and, if it finished, plot the losses and
-    answer the example instructions again. Returns the exit status."""
+    answer PREVIEW_INSTRUCTIONS again. Returns the exit status."""
     if ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -550,7 +551,7 @@ def finish(model, log, stop, step, out_dir, config, device, dtype, ddp, master):
     if device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     plot_losses(log, out_dir / "loss.png")
-    show_examples(model, "after training", config["show_examples"], device, dtype)
+    preview_answers(model, "after training", config["preview"], device, dtype)
     print(f"done: {out_dir}/ holds the HF-format model; try python sample.py --init_from={out_dir} --prompt=\"...\"")
     return 0
 

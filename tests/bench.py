@@ -94,19 +94,19 @@ def bench_train(batch=4, T=256):
 
 @torch.no_grad()
 def bench_rules(new_tokens=1000):
-    from rules import RuleState, Rules
+    from rules import RuleState, RuleSet
     ours, _ = gpt2_pair()
     prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     none, ruled = interleaved([
         lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None),
-        lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None, hook=RuleState([prompt], Rules())),
+        lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None, hook=RuleState([prompt], RuleSet())),
     ], rounds=2)
     print(f"greedy decode of {new_tokens} tokens, gpt2 shape, CPU fp32, best of 2 interleaved")
     print(f"  no rules {1000 * none / new_tokens:.1f} ms/token   all rules {1000 * ruled / new_tokens:.1f} ms/token   "
           f"ratio {ruled / none:.3f}x")
     # the rules' own cost per step, after 100 and after 1,000 tokens: a seen-mask and a counter, never a rescan
     for n in (100, 1000):
-        state, generated = RuleState([prompt], Rules()), torch.randint(0, 50257, (1, n))
+        state, generated = RuleState([prompt], RuleSet()), torch.randint(0, 50257, (1, n))
         for t in range(1, n + 1):
             state.update(generated[0, t - 1:t])
         state.steps = n
@@ -197,7 +197,7 @@ def bench_evaluation(device, n_prompts=50):
     worst case) at batch 8, against the 512-token limit; and scoring the ranking's responses, batched."""
     import cli
     import evaluate
-    from rules import Rules
+    from rules import NO_RULES, RuleSet
     ours, _ = gpt2_pair()
     ours = ours.to(device)
     g = torch.Generator().manual_seed(1)
@@ -215,10 +215,10 @@ def bench_evaluation(device, n_prompts=50):
             ids = torch.randint(0, 50256, (p + r,), generator=g).tolist() + [50256]
             encoded.append((ids, p))
         encoded.sort(key=lambda e: len(e[0]))
-        for rules in (None, Rules()):
-            t = cuda_time(lambda: [evaluate.score_batch(ours, rules, encoded[i:i + 8], device, "bfloat16")
+        for rule_set in (NO_RULES, RuleSet()):
+            t = cuda_time(lambda: [evaluate.score_batch(ours, rule_set, encoded[i:i + 8], device, "bfloat16")
                                    for i in range(0, 400, 8)], device)
-            out[f"score_6000_pairs{'_rules' if rules else ''}_s"] = t * 6000 / 400
+            out[f"score_6000_pairs{'_rules' if rule_set.on else ''}_s"] = t * 6000 / 400
     return out
 
 

@@ -12,7 +12,7 @@ from conftest import ROOT
 import chat
 import evaluate
 from model import EOT, GPT, GPTConfig
-from rules import Rules, rule_bias
+from rules import NO_RULES, RuleSet, rule_bias
 
 
 def test_proxies_on_known_outputs():
@@ -79,7 +79,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
     hf, directory = small_hf
     model = GPT.from_pretrained(directory).eval()
     instruction, response = "Name three primary colors.", " Red, yellow and blue.\n"
-    ours = -evaluate.score_responses(model, None, [(instruction, response)], "cpu", "float32")[0].mean()
+    ours = -evaluate.score_responses(model, NO_RULES, [(instruction, response)], "cpu", "float32")[0].mean()
     ids, mask = chat.encode_chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
     with torch.no_grad():
@@ -90,25 +90,25 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
 def test_scoring_with_rules_is_the_product_of_experts(small_hf):
     model = GPT.from_pretrained(small_hf[1]).eval()
     instruction, response = "List two colors.", "- red\n- red"
-    ours = evaluate.score_responses(model, Rules(), [(instruction, response)], "cpu", "float32")[0]
+    ours = evaluate.score_responses(model, RuleSet(), [(instruction, response)], "cpu", "float32")[0]
     prompt, target = chat.encode_prompt(instruction), chat.encode(response) + [EOT]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + target]))[0][0]
     for t, token in enumerate(target):
         ids = prompt + target[:t]
-        expected = F.log_softmax(F.log_softmax(logits[len(ids) - 1], -1) + rule_bias(ids, len(prompt), Rules()), -1)
+        expected = F.log_softmax(F.log_softmax(logits[len(ids) - 1], -1) + rule_bias(ids, len(prompt), RuleSet()), -1)
         assert ours[t].item() == pytest.approx(expected[token].item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("rules", [None, Rules()], ids=["model", "model+rules"])
-def test_batched_scoring_equals_one_at_a_time(small_hf, rules):
+@pytest.mark.parametrize("rule_set", [NO_RULES, RuleSet()], ids=["model", "model+rules"])
+def test_batched_scoring_equals_one_at_a_time(small_hf, rule_set):
     model = GPT.from_pretrained(small_hf[1]).eval()
     rows = [json.loads(line) for line in open(ROOT / "data" / "eval" / "eval.jsonl")][:7]
     pairs = [(a["instruction"], b["reference"]) for a in rows for b in rows[:3]]  # 21 pairs of varied lengths
     pairs.append(("x " * 50, "y " * 100))  # longer than the 128-token context: the response's end is cut
     pairs.append(("x " * 150, "y " * 10))  # a prompt longer than the context alone: it loses its start
-    batched = evaluate.score_responses(model, rules, pairs, "cpu", "float32", batch_size=5)
-    alone = [evaluate.score_responses(model, rules, [pair], "cpu", "float32", batch_size=1)[0] for pair in pairs]
+    batched = evaluate.score_responses(model, rule_set, pairs, "cpu", "float32", batch_size=5)
+    alone = [evaluate.score_responses(model, rule_set, [pair], "cpu", "float32", batch_size=1)[0] for pair in pairs]
     assert [len(a) for a in alone][-2:] == [128 + 1 - len(chat.encode_prompt("x " * 50)), 1]
     for a, b in zip(alone, batched):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -142,7 +142,7 @@ def test_whole_comparison_smoke_run(small_hf, tmp_path):
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "rank.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:6]))
     out = tmp_path / "eval"
-    train_args = ("--max_iters=2 --batch_size=2 --gradient_accumulation_steps=1 --block_size=128 --show_examples=0 "
+    train_args = ("--max_iters=2 --batch_size=2 --gradient_accumulation_steps=1 --block_size=128 --preview=0 "
                   "--eval_interval=10")
     common = [f"--base={directory}", "--instruction_data=sample", "--response_data=sample_responses", "--task_data=sample",
               f"--out_dir={out}", "--device=cpu"]

@@ -33,27 +33,27 @@ def call(fn, *args, what, **kwargs):
 def check_eos_rule(eos_bias=None):
     eos_bias = eos_bias or rules.eos_bias
     for hold in (False, True):
-        r = rules.Rules(eos_hold=hold)
+        r = rules.RuleSet(eos_hold=hold)
         late = 15.0 if hold else 0.0  # from n = 250 on
         for n in range(2001):  # every count, smallest first
             # the property on its own terms: 0 at n = 0, a line of slope 15/250 while n < 250, then flat at `late`
             want = 0.0 if n == 0 else n * (15 / 250) if n < 250 else late
-            got = call(eos_bias, n, r, what=f"eos_bias({n}, Rules(eos_hold={hold}))")
+            got = call(eos_bias, n, r, what=f"eos_bias({n}, RuleSet(eos_hold={hold}))")
             assert abs(float(got) - want) < 1e-9, (
-                f"eos_bias({n}, Rules(eos_hold={hold})) is {got!r}, expected {want:g} ({n} is the smallest count "
+                f"eos_bias({n}, RuleSet(eos_hold={hold})) is {got!r}, expected {want:g} ({n} is the smallest count "
                 f"where it is wrong). The bias is 0 at n = 0, 15·n/250 while 0 < n < 250, and {late:g} from n = 250 "
                 f"on{' (eos_hold keeps it at 15)' if hold else ' (the official code drops it back to 0)'}.")
         counts = torch.arange(2001)
-        got = call(eos_bias, counts, r, what=f"eos_bias(torch.arange(2001), Rules(eos_hold={hold})) (a tensor of counts)")
+        got = call(eos_bias, counts, r, what=f"eos_bias(torch.arange(2001), RuleSet(eos_hold={hold})) (a tensor of counts)")
         assert torch.is_tensor(got) and got.shape == counts.shape, (
-            f"eos_bias(torch.arange(2001), Rules(eos_hold={hold})) returned {type(got).__name__} "
+            f"eos_bias(torch.arange(2001), RuleSet(eos_hold={hold})) returned {type(got).__name__} "
             f"{tuple(got.shape) if torch.is_tensor(got) else ''}, expected a tensor of 2001 biases, one per count: "
             f"RuleState (what `sample.py --rules` runs) calls eos_bias with one count per sequence of its batch. "
             f"Write it with comparisons and arithmetic that work on ints and tensors alike (no `if` on n).")
         want = torch.tensor([float(eos_bias(n, r)) for n in range(2001)])
         bad = (got.double() - want.double()).abs() > 1e-5
         assert not bad.any(), (
-            f"eos_bias(torch.arange(2001), Rules(eos_hold={hold}))[{int(bad.nonzero()[0])}] is "
+            f"eos_bias(torch.arange(2001), RuleSet(eos_hold={hold}))[{int(bad.nonzero()[0])}] is "
             f"{float(got[bad][0])}, but eos_bias({int(bad.nonzero()[0])}) is {float(want[bad][0])}: on a tensor of "
             f"counts it must give, count by count, what it gives for each int.")
 
@@ -174,7 +174,7 @@ def prompts_smallest_first():
 
 def check_diversity_rule(rule_bias=None):
     rule_bias = rule_bias or rules.rule_bias
-    only = rules.Rules(eos=False, uniform=False)
+    only = rules.RuleSet(eos=False, uniform=False)
     for prompt, response in prompts_smallest_first():
         ids, start = prompt + response, last_tag_end(prompt)
         got = call(rules.after_user_tag, list(prompt), what=f"after_user_tag({prompt})")
@@ -184,7 +184,7 @@ def check_diversity_rule(rule_bias=None):
         got = {t: bias[t].item() for t in sorted(bias.nonzero().flatten().tolist())}
         want = {t: -1.5 for t in sorted(set(ids[start:]))}
         assert got == want, (
-            f"rule_bias(ids={ids}, prompt_len={len(prompt)}, Rules(eos=False, uniform=False)) penalized {got}, "
+            f"rule_bias(ids={ids}, prompt_len={len(prompt)}, RuleSet(eos=False, uniform=False)) penalized {got}, "
             f"expected {want}: -1.5 on each distinct id after the last <|user|> tag of the prompt (index {start}), "
             f"once per id however often it occurs, and nothing else.")
 
@@ -458,7 +458,7 @@ def test_rule_state_uses_the_exercise_eos_bias(small, monkeypatch):
     prompt = chat.encode_prompt("Write a poem called Rain")
 
     def ruled():
-        return small.generate([prompt], 12, greedy=True, eos=None, hook=rules.RuleState([prompt], rules.Rules()))[0]
+        return small.generate([prompt], 12, greedy=True, eos=None, hook=rules.RuleState([prompt], rules.RuleSet()))[0]
     reference = ruled()
     monkeypatch.setattr(rules, "eos_bias", lambda n, r: (n >= 3) * 100.0)  # a student's different ramp
     changed = ruled()
@@ -467,8 +467,8 @@ def test_rule_state_uses_the_exercise_eos_bias(small, monkeypatch):
 
 def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
     prompt = [5, 6] + rules.USER_TAG + [7]
-    reference = rules.RuleState([prompt], rules.Rules()).scores()
+    reference = rules.RuleState([prompt], rules.RuleSet()).scores()
     monkeypatch.setattr(rules, "uniform_bias", lambda r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([42]), 3.0))
-    assert reference[0, 42] == 0 and rules.RuleState([prompt], rules.Rules()).scores()[0, 42] == 3.0
+    assert reference[0, 42] == 0 and rules.RuleState([prompt], rules.RuleSet()).scores()[0, 42] == 3.0
     monkeypatch.setattr(rules, "after_user_tag", lambda ids: 0)
-    assert rules.RuleState([prompt], rules.Rules()).scores()[0, 5] == -1.5
+    assert rules.RuleState([prompt], rules.RuleSet()).scores()[0, 5] == -1.5

@@ -11,14 +11,14 @@ from hypothesis import given, settings, strategies as st
 
 import chat
 from model import GPT
-from rules import DIVERSITY_ONLY, EOS_ONLY, EOT, UNIFORM_ONLY, after_user_tag, UNIFORM, USER_TAG, VOCAB, RuleState, Rules, eos_bias, parse_rules, product_of_experts, rule_bias
+from rules import DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, after_user_tag, UNIFORM, USER_TAG, VOCAB, RuleState, RuleSet, eos_bias, parse_rules, product_of_experts, rule_bias
 
 
 
 def test_eos_rule_ramps_then_drops():
-    r = Rules()
+    r = RuleSet()
     assert [eos_bias(n, r) for n in (0, 1, 125, 249, 250, 600)] == [0.0, 15 / 250, 7.5, 15 * 249 / 250, 0.0, 0.0]
-    hold = Rules(eos_hold=True)
+    hold = RuleSet(eos_hold=True)
     assert [eos_bias(n, hold) for n in (0, 249, 250, 600)] == [0.0, 15 * 249 / 250, 15.0, 15.0]
     prompt = [1, 2, 3]
     for n, expected in ((0, 0.0), (1, 0.06), (125, 7.5), (249, 14.94), (250, 0.0)):
@@ -34,7 +34,7 @@ def test_diversity_rule_penalizes_distinct_ids_after_the_user_tag_once():
     penalized = {20, 21, 22, 30, 31}
     assert set(bias.nonzero().flatten().tolist()) == penalized  # not 11-13, not the tag itself
     assert all(bias[t].item() == -1.5 for t in penalized)  # 30 three times: still -1.5 once
-    only_response = rule_bias(prompt + response, len(prompt), Rules(False, True, False, response_only=True))
+    only_response = rule_bias(prompt + response, len(prompt), RuleSet(False, True, False, response_only=True))
     assert set(only_response.nonzero().flatten().tolist()) == {21, 30, 31}
     # the last user tag counts (a multi-turn history), and the assistant tag after it is penalized too
     ids = chat.encode_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
@@ -63,13 +63,13 @@ def test_uniform_rule_tokens_and_biases():
     assert {t: bias[t].item() for t in bias.nonzero().flatten().tolist()} == {
         27: -4, 1279: -4, 91: -4, 314: -5, 40: -5, 775: -3, 2061: -5, 815: -6,
         1635: 1, 532: 1, 220: 1, 1303: 1, 22492: 1, 198: 1, 0: 1}
-    assert rule_bias([1, 2], 2, Rules(False, False, True, what_bias=-3.0))[2061].item() == -3  # Table 8's value
+    assert rule_bias([1, 2], 2, RuleSet(False, False, True, what_bias=-3.0))[2061].item() == -3  # Table 8's value
 
 
 def test_each_rule_alone_touches_only_its_tokens():
     prompt = USER_TAG + [100, 101]
     ids = prompt + [27, 500, 500]
-    total = rule_bias(ids, len(prompt), Rules())
+    total = rule_bias(ids, len(prompt), RuleSet())
     parts = [rule_bias(ids, len(prompt), r) for r in (EOS_ONLY, DIVERSITY_ONLY, UNIFORM_ONLY)]
     assert torch.equal(total, parts[0] + parts[1] + parts[2])
     assert set(parts[0].nonzero().flatten().tolist()) == {EOT}
@@ -79,9 +79,9 @@ def test_each_rule_alone_touches_only_its_tokens():
 
 
 def test_parse_rules():
-    assert parse_rules("none") is None and parse_rules("") is None
-    assert parse_rules("True") == Rules() == parse_rules("all") == parse_rules("eos,diversity,uniform")
-    assert parse_rules("uniform,eos") == Rules(eos=True, diversity=False, uniform=True)
+    assert parse_rules("none") == NO_RULES == parse_rules("") and not NO_RULES.on and RuleSet(eos=False).on
+    assert parse_rules("True") == RuleSet() == parse_rules("all") == parse_rules("eos,diversity,uniform")
+    assert parse_rules("uniform,eos") == RuleSet(eos=True, diversity=False, uniform=True)
     with pytest.raises(ValueError, match="unknown rule 'speed'"):
         parse_rules("eos,speed")
 
@@ -95,7 +95,7 @@ token = st.integers(0, VOCAB - 1)
        options=st.fixed_dictionaries({"eos": st.booleans(), "diversity": st.booleans(), "uniform": st.booleans(),
                                       "eos_hold": st.booleans(), "response_only": st.booleans()}))
 def test_incremental_state_equals_the_reference_at_every_step(before, instruction, with_tag, response, options):
-    rules = Rules(**options)
+    rules = RuleSet(**options)
     prompt = before + (USER_TAG if with_tag else []) + instruction or [5]
     state = RuleState([prompt], rules)
     generated = torch.empty((1, 0), dtype=torch.long)
@@ -109,12 +109,12 @@ def test_incremental_state_equals_the_reference_at_every_step(before, instructio
 
 def test_batched_state_keeps_one_state_per_sequence():
     prompts = [USER_TAG + [10, 11], [3, 4, 5] + USER_TAG + [12], [7]]
-    state = RuleState(prompts, Rules())
+    state = RuleState(prompts, RuleSet())
     steps = torch.tensor([[13, 14, 15], [16, 16, 10], [17, 7, 7]])
     for t in range(4):
         batch = state(torch.zeros(3, VOCAB), steps[:, :t])
         for b, p in enumerate(prompts):
-            reference = F.log_softmax(rule_bias(p + steps[b, :t].tolist(), len(p), Rules()), dim=-1)
+            reference = F.log_softmax(rule_bias(p + steps[b, :t].tolist(), len(p), RuleSet()), dim=-1)
             torch.testing.assert_close(batch[b], reference, atol=1e-6, rtol=0)
 
 
@@ -126,13 +126,13 @@ def model(small_hf):
 def test_no_rules_is_plain_generation(model):
     prompt = chat.encode_prompt("Write a poem called Rain")
     plain = model.generate([prompt], 30, greedy=True, eos=None)
-    off = model.generate([prompt], 30, greedy=True, eos=None, hook=RuleState([prompt], Rules(False, False, False)))
+    off = model.generate([prompt], 30, greedy=True, eos=None, hook=RuleState([prompt], RuleSet(False, False, False)))
     assert plain == off
 
 
 def test_sampler_logprobs_are_the_product_of_experts(model):
     prompt = chat.encode_prompt("Give me a recipe for tiramisu.")
-    state, base_seen, final = RuleState([prompt], Rules()), [], []
+    state, base_seen, final = RuleState([prompt], RuleSet()), [], []
 
     def hook(logprobs, generated):  # the rules' hook, recording GPT-2's log-probs as the sampler gets them
         base_seen.append(logprobs[0].clone())
@@ -142,7 +142,7 @@ def test_sampler_logprobs_are_the_product_of_experts(model):
     assert len(final) == 60 and len(set(out)) > 5
     for t in range(60):
         ids = prompt + out[:t]
-        bias = rule_bias(ids, len(prompt), Rules())  # from scratch
+        bias = rule_bias(ids, len(prompt), RuleSet())  # from scratch
         expected = F.log_softmax(base_seen[t] + bias, dim=-1)
         # within 1e-6, relative for log-probs: float32 spaces values near -16 by 1.9e-6
         torch.testing.assert_close(final[t], expected, atol=1e-6, rtol=1e-6)
@@ -158,10 +158,10 @@ def test_sampler_logprobs_are_the_product_of_experts(model):
 def test_rules_change_greedy_output_and_batch_equals_alone(model):
     prompts = [chat.encode_prompt(q) for q in ("Hi", "Write a poem called Rain", "List three colors please.")]
     plain = model.generate(prompts, 40, greedy=True, eos=None)
-    ruled = model.generate(prompts, 40, greedy=True, eos=None, hook=RuleState(prompts, Rules()))
+    ruled = model.generate(prompts, 40, greedy=True, eos=None, hook=RuleState(prompts, RuleSet()))
     assert ruled != plain
     for p, batch in zip(prompts, ruled):
-        assert model.generate([p], 40, greedy=True, eos=None, hook=RuleState([p], Rules()))[0] == batch
+        assert model.generate([p], 40, greedy=True, eos=None, hook=RuleState([p], RuleSet()))[0] == batch
 
 
 def sample(*args):

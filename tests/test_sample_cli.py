@@ -13,6 +13,7 @@ from conftest import ROOT
 
 import chat
 import sample
+import rules
 from model import GPT
 from cli import parse_flags
 
@@ -190,7 +191,7 @@ def chat_config(**flags):
 def test_chat_refuses_an_over_long_message_and_goes_on(small_hf, monkeypatch, capsys):
     model = GPT.from_pretrained(small_hf[1]).eval()
     monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 200 + "\nHi\n"))
-    sample.interactive(model, chat_config(), None, "cpu", "float32")
+    sample.interactive(model, chat_config(), rules.NO_RULES, "cpu", "float32")
     out, err = capsys.readouterr()
     assert err.count("(message not sent: 214 tokens with the chat tags, and this model's 128-token context "
                      "holds 108 before the reply; shorten it)") == 1, err
@@ -204,13 +205,13 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_conversation(small_hf, monkeypatch, 
     full = model.generate([prompt], 20, greedy=True)[0]
     assert len(full) > 3  # so the reply is cut short
     monkeypatch.setattr(sample, "Printer", StoppedPrinter)
-    messages = sample.chat_turn(model, earlier, "Hi", chat_config(), None, "cpu", "float32")
+    messages = sample.chat_turn(model, earlier, "Hi", chat_config(), rules.NO_RULES, "cpu", "float32")
     assert messages[:3] == earlier + [{"role": "user", "content": "Hi"}]
     assert messages[3:] == [{"role": "assistant", "content": chat.decode(full[:3])}]  # the part shown is kept
     assert "(reply stopped; the part shown stays in the conversation)" in capsys.readouterr().err
     # in the chat loop, every reply stopped: the chat goes on to the end of its input
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n"))
-    sample.interactive(model, chat_config(), None, "cpu", "float32")
+    sample.interactive(model, chat_config(), rules.NO_RULES, "cpu", "float32")
     assert capsys.readouterr().err.count("(reply stopped") == 2
 
 

@@ -71,7 +71,7 @@ def test_each_rule_bias_lands_on_its_gpt2_id():
     of experts over its rows equals the one over all 50,257 ids (the absent ids have probability 0)."""
     model = restricted(seed=3)
     prompt = chat.encode_prompt("What colour is a blorp?")
-    state = rules.RuleState([prompt], rules.Rules())
+    state = rules.RuleState([prompt], rules.RuleSet())
     for token in chat.encode(" blue blue red"):
         state.update(torch.tensor([token]))
     scores = state.scores()  # (1, 50257)
@@ -148,7 +148,7 @@ def test_the_judge_on_hand_made_answers():
     for k, row in enumerate(rows):
         text = row["answer"] if k % 4 != 3 else rows[(k + 1) % len(rows)]["answer"]  # every 4th: another family's
         answers[row["instruction"]] = chat.encode(text) + ([EOT] if k % 4 != 2 else [])  # every 4th: never stops
-    judged = evaluate.judge(Scripted(answers), None, rows, "cpu", "float32")
+    judged = evaluate.judge(Scripted(answers), rules.NO_RULES, rows, "cpu", "float32")
     assert [j["correct"] for j in judged] == [k % 4 in (0, 1) for k in range(len(rows))]
     assert [j["stopped"] for j in judged] == [k % 4 != 2 for k in range(len(rows))]
     metrics = evaluate.world_metrics(judged, ranking=50.0)
@@ -158,7 +158,7 @@ def test_the_judge_on_hand_made_answers():
     # an answer that opens a new turn is not correct, but it was answered: the text before the turn passes
     answers = {rows[0]["instruction"]: chat.encode(rows[0]["answer"] + "\n<|user|>\nmore"),
                rows[1]["instruction"]: chat.encode(rows[1]["answer"] + "\nThe weather was mild.") + [EOT]}
-    judged = evaluate.judge(Scripted(answers), None, rows[:2], "cpu", "float32")
+    judged = evaluate.judge(Scripted(answers), rules.NO_RULES, rows[:2], "cpu", "float32")
     assert [(j["correct"], j["answered"]) for j in judged] == [(False, True), (False, False)]
 
 

@@ -19,7 +19,7 @@ from model import GPT
 
 # a tiny GPT-2-shaped model from scratch on the shipped sample data: seconds per run on a CPU
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=128", "--data=sample",
-        "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--device=cpu", "--show_examples=0"]
+        "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--device=cpu", "--preview=0"]
 
 
 def run(*args, **kwargs):
@@ -173,7 +173,7 @@ def hf_step_losses(hf, config, examples):
 def test_step_loss_is_the_mean_of_hf_per_example_losses(small_hf, tmp_path):
     hf, directory = small_hf
     args = [f"--init_from={directory}", "--data=sample", "--block_size=128", "--batch_size=4", "--gradient_accumulation_steps=2",
-            "--max_iters=1", "--device=cpu", "--show_examples=0", "--eval_interval=100"]
+            "--max_iters=1", "--device=cpu", "--preview=0", "--eval_interval=100"]
     config = {"batch_size": 4, "gradient_accumulation_steps": 2, "seed": 1337}
     examples, _ = train.tokenize(chat.read_conversations(ROOT / "data" / "sample" / "sample_train.jsonl"), 128)
     per_example = hf_step_losses(hf, config, examples)

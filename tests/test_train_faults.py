@@ -13,7 +13,7 @@ import checkpoint
 from model import GPT, GPTConfig
 
 TINY = ["--init_from=scratch", "--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=64", "--data=sample",
-        "--batch_size=2", "--gradient_accumulation_steps=1", "--device=cpu", "--show_examples=0", "--eval_interval=100"]
+        "--batch_size=2", "--gradient_accumulation_steps=1", "--device=cpu", "--preview=0", "--eval_interval=100"]
 
 
 def run(*args):
