@@ -9,10 +9,14 @@ test_exercise_checks_catch_wrong_answers replaces each function with plausible w
 """
 import copy
 import itertools
+import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import chat
 import evaluate
@@ -472,3 +476,28 @@ def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
     assert reference[0, 42] == 0 and rules.RuleState([prompt], rules.RuleSet()).scores()[0, 42] == 3.0
     monkeypatch.setattr(rules, "after_user_tag", lambda ids: 0)
     assert rules.RuleState([prompt], rules.RuleSet()).scores()[0, 5] == -1.5
+
+
+# the Watch commands of EXERCISES.md show the numbers it quotes --------------------------------------------------
+TINYWORLD = ROOT / "data" / "tinyworld"
+
+
+def test_watch_of_exercise_4_the_shipped_response_set_is_empty_instructions_of_the_instruction_set():
+    """`python data/tinyworld/prepare.py && git status` lists nothing with a right empty_instructions because the
+    shipped response-tuning files are exactly the instruction files with every user turn emptied."""
+    for split in ("train", "val"):
+        instructed = [json.loads(line) for line in open(TINYWORLD / f"tinyworld_{split}.jsonl")]
+        responses = [json.loads(line) for line in open(TINYWORLD / f"tinyworld_responses_{split}.jsonl")]
+        assert responses == [{"messages": chat.empty_instructions(row["messages"])} for row in instructed]
+
+
+@pytest.mark.skipif(not (TINYWORLD / "bases" / "seed1").exists(), reason="no shipped TinyWorld base")
+def test_watch_of_exercises_6_and_7_gives_the_quoted_ranking_and_repetition(tmp_path):
+    """Exercise 6's command, verbatim but for --out_dir: the ranking % and repeat % EXERCISES.md quotes."""
+    command = ("--models=data/tinyworld/bases/seed1 --eval_set=data/tinyworld/dev.jsonl --max_new_tokens=48 "
+               f"--out_dir={tmp_path} --threads=1").split()
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *command], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = "| data/tinyworld/bases/seed1 | 0 | 48 | 30.0 | 100 |"
+    assert row in r.stdout and r.stdout.split(row)[1].split("\n")[0].endswith("| 86.9 |"), r.stdout
+    assert "**86.9**" in (ROOT / "EXERCISES.md").read_text() and "**30.0**" in (ROOT / "EXERCISES.md").read_text()
