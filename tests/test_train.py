@@ -62,6 +62,29 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[99] == pytest.approx(1 / 90)
 
 
+def test_adamw_is_fused_wherever_torch_has_it_and_equals_the_default():
+    """The fused kernel (CPU from torch 2.4, CUDA) takes the same steps as the default implementation."""
+    from model import GPTConfig
+    torch.manual_seed(0)
+    fused_model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100))
+    plain_model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100))
+    plain_model.load_state_dict(fused_model.state_dict())
+    config = {"learning_rate": 1e-2, "weight_decay": 0.01}
+    fused = train.adamw(fused_model, config)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                              foreach=False)
+    version = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    assert fused.defaults["fused"] is (version >= (2, 4)), (torch.__version__, fused.defaults["fused"])
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            torch.manual_seed(1)  # the same gradients for both
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_two_processes_see_what_one_sees_with_double_accumulation():
     examples = list(range(13))
     one = {"batch_size": 2, "gradient_accumulation_steps": 4, "seed": 5}
