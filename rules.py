@@ -131,7 +131,7 @@ def rule_bias(ids, prompt_len, rule_set):
 
 class RuleState:
     """The rules for a batch of sequences, kept up to date one token at a time. Called by GPT.generate at each
-    step as a hook: returns the rule LM's log-probabilities (B, vocab_size) for the next token. The rule scores
+    step as a hook: returns the rule scores (B, vocab_size) for the next token. The rule scores
     are one (B, vocab_size) tensor changed in place: after a token only two entries per row can change, the
     token's own (the diversity rule, the first time it is seen) and <|endoftext|>'s (the EOS ramp), so a step
     costs O(B) small writes instead of rebuilding the whole table."""
@@ -177,7 +177,9 @@ class RuleState:
         assert generated.size(1) in (self.steps, self.steps + 1), "one RuleState per generate call"
         if generated.size(1) == self.steps + 1:
             self.update(generated[:, -1])
-        return F.log_softmax(self.scores(), dim=-1)  # the rule LM as a distribution (a constant shift of scores)
+        # the rule LM's log-probabilities up to its normalizer, a per-row constant that generate's renormalization
+        # of the product removes: so the hook costs one add of this tensor, no full-vocabulary op of its own
+        return self.scores()
 
 
 def product_of_experts(logits, rule_scores):
