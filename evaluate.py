@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import chat
 from checkpoint import progress
-from cli import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, pyplot, read_toml, use_threads
+from cli import DEVICE_FLAGS, autocast, for_inference, parse_flags, pick_device, pick_dtype, pyplot, read_toml, use_threads
 from model import EOT, GPT, varying_lengths
 from rules import NO_RULES, RuleState, parse_rules, product_of_experts, respond
 
@@ -218,7 +218,7 @@ def evaluate_model(spec, rows, ranked, config, device, dtype, max_new_tokens):
     """Generate for every instruction of `rows`, score their references, rank the responses of `ranked` (rows
     with references): -> (metrics, AlpacaEval rows)."""
     init_from, rule_set = parse_model(spec)
-    model = GPT.from_pretrained(init_from).to(device).eval()
+    model = for_inference(GPT.from_pretrained(init_from), device, dtype)
     outputs = []
     for i in tqdm(range(0, len(rows), config["batch_size"]), desc=f"{spec}: generating", file=sys.stderr):
         batch = rows[i:i + config["batch_size"]]
@@ -394,7 +394,7 @@ def similarity(config, device, dtype):
         groups |= {(task, "asked"): [a["instruction"] for a in answers], (task, "answered"): [a["output"] for a in answers],
                    (task, "task_asked"): [c[0]["content"] for c in finetuning],
                    (task, "task_answered"): [c[1]["content"] for c in finetuning]}
-    model = GPT.from_pretrained(config["base"]).to(device).eval()
+    model = for_inference(GPT.from_pretrained(config["base"]), device, dtype)
     vectors = embed(model, [text for texts in groups.values() for text in texts], device, dtype, config["batch_size"])
     # GPT-2's hidden states share one large common direction (Ethayarajh, 2019: its last layer's cosines are all
     # near 1), so they are centered on the mean of everything embedded before they are normalized
@@ -501,7 +501,7 @@ def world_seed(seed, rows, runs, with_rules, config, device, dtype):
     results = {}
     for label, spec in tqdm(models, desc=f"seed {seed}: judging", file=sys.stderr):
         init_from, rule_set = parse_model(spec)
-        model = GPT.from_pretrained(init_from).to(device).eval()
+        model = for_inference(GPT.from_pretrained(init_from), device, dtype)
         judged = judge(model, rule_set, rows, device, dtype)
         results[label] = world_metrics(judged, world_ranking(model, rule_set, rows, config, device, dtype))
         chat.write_jsonl(out / f"{file_name(label)}.jsonl", judged)

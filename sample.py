@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import chat
-from cli import DEVICE_FLAGS, parse_flags, pick_device, pick_dtype, use_threads
+from cli import DEVICE_FLAGS, for_inference, parse_flags, pick_device, pick_dtype, use_threads
 from model import GPT
 from rules import parse_rules, respond
 
@@ -288,7 +288,7 @@ def main(argv):
     if config["instructions"]:  # the files are checked before the model loads
         job = read_file_job(config)
     t0 = time.time()
-    model = GPT.from_pretrained(config["init_from"]).to(device).eval()
+    model = for_inference(GPT.from_pretrained(config["init_from"]), device, dtype)
     print(f"loaded {config['init_from']} ({model.num_params() / 1e6:.0f}M parameters) on {device} in {dtype} "
           f"in {time.time() - t0:.1f}s; rules: {config['rules']}", file=sys.stderr)
     if config["instructions"]:

@@ -1,29 +1,71 @@
 """
 Speed against HF transformers, measured in one run on the same machine and reported as ratios.
 
-    python tests/bench.py generate      # greedy decode, gpt2 shape, random weights, CPU fp32
-    python tests/bench.py train         # one optimizer step (forward + backward + AdamW), gpt2 shape, CPU fp32
-    python tests/bench.py rules         # greedy decode of 1,000 tokens with all rules vs none; the rules' step cost
+    python tests/bench.py generate      # greedy decode, gpt2 shape, random weights, CPU: fp32 and bf16 weights
+    python tests/bench.py train         # a train step (forward + backward + AdamW), gpt2 shape, CPU fp32; fused
+                                        # AdamW; micro-batches grouped by length on LIMA's lengths
+    python tests/bench.py rules         # decoding with all rules vs none, quiet and with the other core busy
     python tests/bench.py gpu [OUT.json] # on a CUDA GPU: train steps gpt2..gpt2-xl, decoding, the evaluation's cost
+    python tests/bench.py all --tiny     # every CPU bench on a tiny shape in seconds (what the tests run);
+                                        # `gpu --tiny` likewise on a GPU (tests/test_cuda.py)
 
-Not a test: numbers depend on the machine, so nothing here asserts a time. Needs the test requirements.
+Not a test: numbers depend on the machine, so nothing here asserts a time. Needs the test requirements. Every
+figure is printed with the machine's state (threads, cores, load average when it started): a busy machine makes
+small ops several times slower, so a bench warns when the load says another process is using the CPU.
 """
+import contextlib
+import json
 import os
+import subprocess
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import conftest  # noqa: E402,F401  the tests' set-up: the repository on sys.path, TIKTOKEN_CACHE_DIR from ../shared
 from model import GPT, GPTConfig  # noqa: E402
 
 
+TINY = False  # `--tiny`: a 2-layer, 64-wide model and a few tokens, so the whole bench runs in seconds (tests)
+
+
+def shape():
+    """The model shape a CPU bench measures: gpt2 (124M), or with --tiny a 2-layer one."""
+    return dict(n_layer=2, n_head=2, n_embd=64) if TINY else dict(n_layer=12, n_head=12, n_embd=768)
+
+
+def machine():
+    """The machine's state, recorded with every figure: threads, cores, and the 1-minute load average (before the
+    bench itself adds to it). Warns when another process is busy."""
+    load = os.getloadavg()[0]
+    state = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_1min": round(load, 2),
+             "busy": load > 0.5}
+    print(f"machine: {state['cores']} cores, {state['threads']} torch threads, load average {load:.2f}"
+          + ("  WARNING: the machine is busy; these figures are not quiet ones" if state["busy"] else " (quiet)"))
+    return state
+
+
+@contextlib.contextmanager
+def busy_core(on=True):
+    """Another process spinning on one core while the block runs: the 'under load' figures."""
+    if not on:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def gpt2_pair(seed=0):
-    """Our GPT and HF's GPT2LMHeadModel with the same random weights in the gpt2 (124M) shape."""
+    """Our GPT and HF's GPT2LMHeadModel with the same random weights in the bench's shape (gpt2 unless --tiny)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.1)).eval()
-    ours = GPT(GPTConfig()).eval()
+    hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.1, **shape())).eval()
+    ours = GPT(GPTConfig(**shape())).eval()
     sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
     from checkpoint import load_hf_state_dict
     load_hf_state_dict(ours, sd, "hf")
@@ -41,31 +83,69 @@ def interleaved(fns, rounds=5):
     that drift in the machine's speed hits both sides alike."""
     for fn in fns:
         fn()
-    times = [[timed(fn) for fn in fns] for _ in range(rounds)]
+    times = [[timed(fn) for fn in fns] for _ in range(1 if TINY else rounds)]  # --tiny: a smoke run of the code
     return [min(column) for column in zip(*times)]
 
 
 @torch.no_grad()
-def bench_generate(new_tokens=64):
+def bench_generate():
+    """Greedy decoding, ours vs HF generate on the same weights (batch 1), our batch of 8 mixed prompts against
+    8 times batch 1, and ours in bfloat16 weights (--dtype=bfloat16 on a CPU), with the share of the memory
+    bandwidth floor reached (a batch-1 token reads every weight once)."""
+    import cli
+    new_tokens = 8 if TINY else 64
     ours, hf = gpt2_pair()
+    bf16 = cli.for_inference(gpt2_pair()[0], "cpu", "bfloat16")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (1, 32), generator=g)
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (5, 12, 20, 32, 40, 48, 60, 64)]
-    ours_1, hf_1, ours_8 = interleaved([
+    state = machine()
+
+    def ours_bf16(batch):
+        with cli.autocast("cpu", "bfloat16"):
+            return bf16.generate(batch, new_tokens, greedy=True, eos=None)
+    ours_1, hf_1, ours_8, bf16_1, bf16_8 = interleaved([
         lambda: ours.generate([prompt[0].tolist()], new_tokens, greedy=True, eos=None),
         lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=50256),
         lambda: ours.generate(prompts, new_tokens, greedy=True, eos=None),
+        lambda: ours_bf16([prompt[0].tolist()]),
+        lambda: ours_bf16(prompts),
     ])
-    print(f"greedy decode, gpt2 shape, CPU fp32, {torch.get_num_threads()} threads, 32-token prompt, "
-          f"{new_tokens} new tokens, best of 5 interleaved")
-    print(f"  batch 1:  ours {new_tokens / ours_1:6.1f} tok/s   HF generate {new_tokens / hf_1:6.1f} tok/s   "
-          f"ratio ours/HF {hf_1 / ours_1:.2f}x")
-    print(f"  batch 8 (prompts of 5..64 tokens): ours {8 * new_tokens / ours_8:6.1f} tok/s = "
-          f"{ours_1 * 8 / ours_8:.1f}x batch 1")
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    read_s = bandwidth()
+    floor_ms = 1000 * weight_bytes / read_s  # fp32: every weight read once per batch-1 token
+    out = {"machine": state, "new_tokens": new_tokens, "ms_per_token_batch1": 1000 * ours_1 / new_tokens,
+           "hf_ms_per_token_batch1": 1000 * hf_1 / new_tokens, "ratio_ours_vs_hf": hf_1 / ours_1,
+           "batch8_vs_batch1": ours_1 * 8 / ours_8, "bf16_weights_speedup_batch1": ours_1 / bf16_1,
+           "bf16_weights_speedup_batch8": ours_8 / bf16_8, "memory_read_gb_s": read_s / 1e9,
+           "floor_ms_per_token_fp32": floor_ms, "share_of_floor_fp32": floor_ms / (1000 * ours_1 / new_tokens),
+           "share_of_floor_bf16": floor_ms / 2 / (1000 * bf16_1 / new_tokens)}
+    print(f"greedy decode, {'tiny' if TINY else 'gpt2'} shape, CPU, 32-token prompt, {new_tokens} new tokens, best "
+          f"of 5 interleaved")
+    print(f"  batch 1, fp32: ours {out['ms_per_token_batch1']:.1f} ms/token, HF generate "
+          f"{out['hf_ms_per_token_batch1']:.1f}: ours/HF speed {out['ratio_ours_vs_hf']:.2f}x")
+    print(f"  batch 8 (prompts of 5..64 tokens): {out['batch8_vs_batch1']:.1f}x the tokens/s of batch 1")
+    print(f"  bfloat16 weights: {out['bf16_weights_speedup_batch1']:.2f}x fp32 at batch 1, "
+          f"{out['bf16_weights_speedup_batch8']:.2f}x at batch 8")
+    print(f"  bandwidth floor (weights / {out['memory_read_gb_s']:.0f} GB/s measured): fp32 {floor_ms:.1f} ms/token, "
+          f"reached {100 * out['share_of_floor_fp32']:.0f}%; bf16 reached {100 * out['share_of_floor_bf16']:.0f}%")
+    return out
 
 
-def bench_train(batch=4, T=256):
+def bandwidth(mb=512):
+    """Bytes per second this machine reads from memory: the best of 5 sums over a buffer larger than its caches."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    return x.numel() * 4 / min(timed(x.sum) for _ in range(5))
+
+
+def bench_train():
+    """A train step, ours vs HF (the same AdamW); the AdamW step alone, fused (train.adamw) vs the default; and
+    a 64-sequence step on LIMA's real lengths, micro-batches grouped by length (train.micro_batches) vs in data
+    order: padding share and time."""
+    import train
+    batch, T = (2, 32) if TINY else (4, 256)
     ours, hf = gpt2_pair()
     ours.train(), hf.train()
     hf.config.attn_pdrop = hf.config.resid_pdrop = hf.config.embd_pdrop = 0.0  # ours trains with dropout 0 too
@@ -74,50 +154,116 @@ def bench_train(batch=4, T=256):
             m.p = 0.0
     x = torch.randint(0, 50257, (batch, T), generator=torch.Generator().manual_seed(0))
     targets = torch.cat([x[:, 1:], torch.full((batch, 1), -1)], dim=1)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, weight_decay=0.0)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, weight_decay=0.0, foreach=False, fused=False)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0, foreach=False, fused=False)
 
-    def step_ours():
-        ours(x, targets)[1].backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+    def step(model, loss, opt):
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = machine()
+    t_ours, t_hf = interleaved([lambda: step(ours, lambda: ours(x, targets)[1], opt_ours),
+                                lambda: step(hf, lambda: hf(x, labels=x).loss, opt_hf)], rounds=3)
+    for p in ours.parameters():
+        p.grad = torch.randn_like(p)
+    fused = train.adamw(ours, {"learning_rate": 1e-5, "weight_decay": 0.0})
+    t_default, t_fused = interleaved([opt_ours.step, fused.step], rounds=5)
+    out = {"machine": state, "step_ours_s": t_ours, "step_hf_s": t_hf, "time_ratio_ours_vs_hf": t_ours / t_hf,
+           "adamw_default_s": t_default, "adamw_fused_s": t_fused, "fused": fused.defaults["fused"],
+           **bench_grouping(train)}
+    print(f"train step (forward + backward + AdamW), {'tiny' if TINY else 'gpt2'} shape, CPU fp32, batch {batch} x "
+          f"{T} tokens, best of 3 interleaved: ours {t_ours:.2f} s, HF {t_hf:.2f} s, time ratio {t_ours / t_hf:.2f}")
+    print(f"  AdamW step alone: default (for-loop) {t_default * 1000:.1f} ms, train.adamw "
+          f"(fused={out['fused']}) {t_fused * 1000:.1f} ms: {t_default / t_fused:.1f}x")
+    print(f"  a 64-sequence step on {out['lengths_from']} lengths, {out['grouping_shape']}: padding "
+          f"{100 * out['padding_ungrouped']:.0f}% -> {100 * out['padding_grouped']:.0f}% of tokens, tokens/s "
+          f"{out['tokens_per_s_ungrouped']:.0f} -> {out['tokens_per_s_grouped']:.0f} "
+          f"({out['tokens_per_s_grouped'] / out['tokens_per_s_ungrouped']:.2f}x)")
+    return out
 
-    def step_hf():
-        hf(x, labels=x).loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-    t_ours, t_hf = interleaved([step_ours, step_hf], rounds=3)
-    print(f"train step (forward + backward + AdamW), gpt2 shape, CPU fp32, batch {batch} x {T} tokens, "
-          f"{torch.get_num_threads()} threads, best of 3 interleaved")
-    print(f"  ours {t_ours:.2f} s   HF {t_hf:.2f} s   time ratio ours/HF {t_ours / t_hf:.2f}")
+
+def lima_lengths():
+    """(source, token counts of LIMA's training conversations): data/lima's prepared file or ../shared's copy,
+    else (and with --tiny) the shipped sample's."""
+    import chat
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sample = "data/sample/sample_train.jsonl"
+    for path in (sample,) if TINY else ("data/lima/lima_train.jsonl", "../shared/data/lima_data.jsonl", sample):
+        if os.path.exists(os.path.join(root, path)):
+            conversations = chat.read_conversations(os.path.join(root, path))
+            return path, [min(1024, len(chat.encode_chat(c)[0])) for c in conversations]
+    raise FileNotFoundError("no LIMA or sample data")
+
+
+def bench_grouping(train, steps=2):
+    """One 64-sequence step (micro-batches of 4) of LIMA-length sequences, forward + backward, grouped by length
+    as train.micro_batches does vs in the data order: the same examples, padded to each micro-batch's longest."""
+    source, lengths = lima_lengths()
+    config = dict(n_layer=2, n_head=4, n_embd=128) if TINY else dict(n_layer=4, n_head=4, n_embd=256)
+    model = GPT(GPTConfig(**config)).train()
+    examples = [(list(range(n)), list(range(1, n)) + [-1]) for n in lengths]
+    settings = {"batch_size": 4, "gradient_accumulation_steps": 16, "seed": 0, "block_size": 1024}
+    grouped = [train.micro_batches(examples, s, settings, 0, 1) for s in range(1 if TINY else steps)]
+    in_order, n = [], len(examples)  # the same examples of each step in the data order, as before the grouping
+    for step in range(len(grouped)):
+        order = [k for e in range(64 * (step + 1) // n + 1)
+                 for k in torch.randperm(n, generator=torch.Generator().manual_seed(e)).tolist()]
+        flat = [examples[k] for k in order[64 * step:64 * (step + 1)]]
+        assert sorted(map(id, flat)) == sorted(id(ex) for b in grouped[step] for ex in b)
+        in_order.append([flat[m * 4:(m + 1) * 4] for m in range(16)])
+
+    def run(all_batches):
+        for batches in all_batches:
+            for b in batches:
+                x, y = train.collate(b, "cpu", 1024)
+                model(x, y)[1].backward()
+    real = sum(len(ids) for batches in grouped for b in batches for ids, _ in b)
+    padded = lambda all_batches: sum(train.collate(b, "cpu", 1024)[0].numel()  # noqa: E731
+                                     for batches in all_batches for b in batches)
+    t_in_order, t_grouped = interleaved([lambda: run(in_order), lambda: run(grouped)], rounds=2)
+    return {"lengths_from": source, "grouping_shape": f"{config['n_layer']} layers x {config['n_embd']}",
+            "padding_ungrouped": 1 - real / padded(in_order), "padding_grouped": 1 - real / padded(grouped),
+            "tokens_per_s_ungrouped": real / t_in_order, "tokens_per_s_grouped": real / t_grouped}
 
 
 @torch.no_grad()
-def bench_rules(new_tokens=1000):
-    from rules import RuleState, RuleSet
-    ours, _ = gpt2_pair()
-    prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-    none, ruled = interleaved([
-        lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None),
-        lambda: ours.generate([prompt], new_tokens, greedy=True, eos=None, hook=RuleState([prompt], RuleSet())),
-    ], rounds=2)
-    print(f"greedy decode of {new_tokens} tokens, gpt2 shape, CPU fp32, best of 2 interleaved")
-    print(f"  no rules {1000 * none / new_tokens:.1f} ms/token   all rules {1000 * ruled / new_tokens:.1f} ms/token   "
-          f"ratio {ruled / none:.3f}x")
-    # the rules' own cost per step, after 100 and after 1,000 tokens: a seen-mask and a counter, never a rescan
-    for n in (100, 1000):
-        state, generated = RuleState([prompt], RuleSet()), torch.randint(0, 50257, (1, n))
+def bench_rules():
+    """Greedy decoding with all rules against none, quiet and with another process busy on one core, for the
+    gpt2 shape and a TinyWorld-sized model; and the rules' own cost per step after 100 and 1,000 tokens."""
+    from rules import RuleSet, RuleState
+    state = machine()
+    out = {"machine": state, "decode": []}
+    sizes = [("tiny", dict(n_layer=2, n_head=2, n_embd=64), 20)] if TINY else [
+        ("gpt2", shape(), 300), ("tinyworld-sized (4 layers x 128)", dict(n_layer=4, n_head=4, n_embd=128), 1000)]
+    for name, config, new_tokens in sizes:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**config)).eval()
+        prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+        for loaded in (False, True):
+            with busy_core(loaded):
+                none, ruled = interleaved([
+                    lambda: model.generate([prompt], new_tokens, greedy=True, eos=None),
+                    lambda: model.generate([prompt], new_tokens, greedy=True, eos=None, hook=RuleState([prompt], RuleSet())),
+                ], rounds=2)
+            out["decode"].append({"model": name, "other_core_busy": loaded, "new_tokens": new_tokens,
+                                  "ms_per_token_no_rules": 1000 * none / new_tokens,
+                                  "ms_per_token_all_rules": 1000 * ruled / new_tokens, "ratio": ruled / none})
+            print(f"  {name}, {new_tokens} tokens, {'other core busy' if loaded else 'quiet'}: no rules "
+                  f"{1000 * none / new_tokens:.2f} ms/token, all rules {1000 * ruled / new_tokens:.2f}: {ruled / none:.2f}x")
+    prompt = list(range(16))
+    for n in (100, 1000):  # the rules' own step: two in-place writes a row, never a rescan
+        rule_state, generated = RuleState([prompt], RuleSet()), torch.randint(0, 50257, (1, n))
         for t in range(1, n + 1):
-            state.update(generated[0, t - 1:t])
-        state.steps = n
-        logprobs = torch.zeros(1, 50257)
-        t = timed(lambda: [state(logprobs, generated) for _ in range(200)]) / 200
-        print(f"  rules' step after {n:>4} tokens: {1e6 * t:.0f} us")
+            rule_state.update(generated[0, t - 1:t])
+        t = timed(lambda: [rule_state.update(generated[0, -1:]) for _ in range(200)]) / 200
+        out[f"rules_step_after_{n}_us"] = 1e6 * t
+        print(f"  the rules' own step after {n:>4} tokens: {1e6 * t:.0f} us")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ on a GPU
 
-SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+SHAPES = {"tiny": (2, 2, 64), "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
 
 
 def cuda_time(fn, device):
@@ -160,7 +306,7 @@ def bench_train_step(name, device, T=1024, per_step=64, compile=False, steps=3):
                 "tokens_per_s": tokens_s, "mfu": 6 * model.num_params() * tokens_s / train.peak_flops(device),
                 "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30, "params": model.num_params()}
 
-    for micro in (16, 8, 4, 2, 1):
+    for micro in [m for m in (16, 8, 4, 2, 1) if m <= per_step]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -202,40 +348,40 @@ def bench_evaluation(device, n_prompts=50):
     ours = ours.to(device)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50257, (int(n),), generator=g).tolist() for n in torch.randint(15, 60, (8,), generator=g)]
-    out = {}
+    out, n_pairs = {}, 16 if TINY else 400
     with cli.autocast(device, "bfloat16"):
-        for limit in (512, 1024):
+        for limit in (32, 64) if TINY else (512, 1024):
             t = cuda_time(lambda: ours.generate(prompts, limit, greedy=True, eos=None), device)
             out[f"generate_batch8_to_{limit}_s"] = t
             out[f"generate_{n_prompts}_prompts_to_{limit}_s"] = t * n_prompts / 8
         # ranking: (prompt, response) pairs with Alpaca-like lengths, 400 measured, 6,000 extrapolated
         encoded = []
-        for _ in range(400):
+        for _ in range(n_pairs):
             p, r = int(torch.randint(20, 80, (1,), generator=g)), int(torch.randint(10, 400, (1,), generator=g))
             ids = torch.randint(0, 50256, (p + r,), generator=g).tolist() + [50256]
             encoded.append((ids, p))
         encoded.sort(key=lambda e: len(e[0]))
         for rule_set in (NO_RULES, RuleSet()):
             t = cuda_time(lambda: [evaluate.score_batch(ours, rule_set, encoded[i:i + 8], device, "bfloat16")
-                                   for i in range(0, 400, 8)], device)
-            out[f"score_6000_pairs{'_rules' if rule_set.on else ''}_s"] = t * 6000 / 400
+                                   for i in range(0, n_pairs, 8)], device)
+            out[f"score_6000_pairs{'_rules' if rule_set.on else ''}_s"] = t * 6000 / n_pairs
     return out
 
 
 def bench_gpu(path=None):
-    import json
-    import subprocess
     device = "cuda"
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "nvidia_smi": subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()}
     print(report, flush=True)
     report["train"] = []
-    for name, compile in (("gpt2", False), ("gpt2", True), ("gpt2-medium", False), ("gpt2-large", False), ("gpt2-xl", False)):
-        row = bench_train_step(name, device, compile=compile)
+    runs = [("tiny", False), ("tiny", True)] if TINY else \
+        [("gpt2", False), ("gpt2", True), ("gpt2-medium", False), ("gpt2-large", False), ("gpt2-xl", False)]
+    for name, compile in runs:
+        row = bench_train_step(name, device, compile=compile, **({"T": 64, "per_step": 8} if TINY else {}))
         print(row, flush=True)
         report["train"].append(row)
-    report["decode"] = bench_decode(device)
+    report["decode"] = bench_decode(device, new_tokens=16 if TINY else 256)
     print(report["decode"], flush=True)
     report["evaluation"] = bench_evaluation(device)
     print(report["evaluation"], flush=True)
@@ -244,6 +390,24 @@ def bench_gpu(path=None):
             json.dump(report, f, indent=2)
 
 
+CPU_BENCHES = {"generate": bench_generate, "train": bench_train, "rules": bench_rules}
+
+
+def main(argv):
+    global TINY
+    TINY = "--tiny" in argv
+    json_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--json=")), None)
+    args = [a for a in argv if not a.startswith("--")]
+    which = args[0] if args else "generate"
+    if which == "gpu":
+        return bench_gpu(*args[1:])
+    if which not in (*CPU_BENCHES, "all"):
+        sys.exit(f"error: unknown bench {which!r}: expected {', '.join(CPU_BENCHES)}, all or gpu")
+    report = {name: bench() for name, bench in CPU_BENCHES.items() if which in (name, "all")}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+
+
 if __name__ == "__main__":
-    which = sys.argv[1] if len(sys.argv) > 1 else "generate"
-    {"generate": bench_generate, "train": bench_train, "rules": bench_rules, "gpu": bench_gpu}[which](*sys.argv[2:])
+    main(sys.argv[1:])

@@ -189,3 +189,26 @@ def test_training_forward_backward_runs_with_dropout():
     loss.backward()
     assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
     assert abs(loss.item() - F.cross_entropy(torch.zeros(1, 100), torch.tensor([0])).item()) < 0.5  # ~ln(100)
+
+
+def test_bf16_weights_on_cpu_agree_with_fp32_as_closely_as_bf16_autocast(small_hf):
+    """--dtype=bfloat16 on a CPU runs in bfloat16 weights (cli.for_inference), the GPU path in bf16 autocast over
+    float32 weights: both round to bf16, and the weights' own rounding costs about as much as autocast's."""
+    from cli import autocast, for_inference
+    fp32 = GPT.from_pretrained(small_hf[1]).eval()
+    bf16 = for_inference(GPT.from_pretrained(small_hf[1]), "cpu", "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert all(p.dtype == torch.float32 for p in for_inference(GPT.from_pretrained(small_hf[1]), "cpu", "float32").parameters())
+    idx = random_ids(4, 64)
+    with torch.no_grad():
+        reference = F.log_softmax(fp32(idx)[0].float(), -1)
+        with autocast("cpu", "bfloat16"):
+            weights = F.log_softmax(bf16(idx)[0].float(), -1)
+            autocasted = F.log_softmax(fp32(idx)[0].float(), -1)
+    error = lambda lp: (lp - reference).abs().mean().item()  # noqa: E731
+    agree = lambda lp: (lp.argmax(-1) == reference.argmax(-1)).float().mean().item()  # noqa: E731
+    assert error(weights) < 2 * error(autocasted) and error(weights) < 0.1, (error(weights), error(autocasted))
+    assert agree(weights) >= agree(autocasted) - 0.05 and agree(weights) > 0.9, (agree(weights), agree(autocasted))
+    prompt = idx[0, :16].tolist()
+    with autocast("cpu", "bfloat16"):
+        assert bf16.generate([prompt], 20, greedy=True, eos=None) == bf16.generate([prompt], 20, greedy=True, eos=None, use_cache=False)

@@ -86,14 +86,38 @@ def test_adamw_is_fused_wherever_torch_has_it_and_equals_the_default():
 
 
 def test_two_processes_see_what_one_sees_with_double_accumulation():
-    examples = list(range(13))
+    examples = [([0] * (1 + (7 * k) % 5), k) for k in range(13)]  # (ids, targets): lengths 1..5, k names it
     one = {"batch_size": 2, "gradient_accumulation_steps": 4, "seed": 5}
     two = {**one, "gradient_accumulation_steps": 2}
     for step in range(5):  # crosses epoch boundaries: 8 examples a step, 13 in an epoch
         single = train.micro_batches(examples, step, one, rank=0, world=1)
-        assert single == train.micro_batches(examples, step, two, 0, 2) + train.micro_batches(examples, step, two, 1, 2)
-    seen = [e for step in range(13) for b in train.micro_batches(examples, step, one, 0, 1) for e in b]
-    assert sorted(seen[:13]) == examples and seen[:13] != examples  # each epoch is a shuffled permutation
+        ranks = [train.micro_batches(examples, step, two, r, 2) for r in (0, 1)]
+        assert sorted(single) == sorted(ranks[0] + ranks[1]) and ranks[0] != ranks[1]
+        # grouped by length: sorted within the step, each process's micro-batches alike in length
+        assert [len(ids) for b in single for ids, _ in b] == sorted(len(ids) for b in single for ids, _ in b)
+        assert ranks[0] == single[0::2] and ranks[1] == single[1::2]
+    steps = [[k for b in train.micro_batches(examples, step, one, 0, 1) for _, k in b] for step in range(13)]
+    assert sorted(k for step in steps for k in step) == sorted(list(range(13)) * 8)  # 13 steps: 8 epochs
+    assert sorted(steps[0]) != list(range(8))  # each epoch is a shuffled permutation
+
+
+def test_grouping_by_length_keeps_a_step_s_examples_and_cuts_padding():
+    """The grouped micro-batches hold exactly the step's examples, the ungrouped order would hold (the
+    seeded permutation), with less padding when lengths vary."""
+    lengths = [5, 300, 7, 290, 12, 280, 9, 310] * 4
+    examples = [([1] * n, i) for i, n in enumerate(lengths)]
+    config = {"batch_size": 2, "gradient_accumulation_steps": 4, "seed": 0}
+    padded = lambda batches: sum(len(b) * max(len(ids) for ids, _ in b) for b in batches)  # noqa: E731
+    cost = {"grouped": 0, "ungrouped": 0}  # tokens computed, padding included
+    for step in range(6):
+        grouped = train.micro_batches(examples, step, config, 0, 1)
+        order = [torch.randperm(32, generator=torch.Generator().manual_seed(e)).tolist() for e in range(2)]
+        data_order = [(order[0] + order[1])[k] for k in range(step * 8, step * 8 + 8)]
+        assert sorted(i for b in grouped for _, i in b) == sorted(data_order)
+        ungrouped = [[examples[i] for i in data_order[m * 2:m * 2 + 2]] for m in range(4)]
+        cost["grouped"] += padded(grouped)
+        cost["ungrouped"] += padded(ungrouped)
+    assert cost["grouped"] < 0.8 * cost["ungrouped"], cost
 
 
 def test_cli_training_lowers_loss_and_exports(tmp_path):

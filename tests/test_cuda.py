@@ -1,0 +1,130 @@
+"""The CUDA path, on a GPU: bf16 autocast against fp32, compiled against eager, fused AdamW against the default,
+the rules on CUDA against the CPU, train + resume, 2-process DDP, and the GPU bench on a tiny shape. Every test
+here is skipped without CUDA (CI and most laptops); on a GPU none can pass without running its comparison.
+
+    python -m pytest tests/test_cuda.py -v        # on a machine with a CUDA GPU
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+import train
+from cli import autocast
+from model import GPT, GPTConfig
+from rules import RuleSet, RuleState
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY_RUN = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=128", "--data=sample",
+            "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--preview=0",
+            "--eval_interval=100"]
+
+
+def model_pair(seed=0, spread=False):
+    """The same random model on the CPU and on CUDA, in float32. spread: wide weights, so that the logits are far
+    apart and greedy choices are not near-ties that rounding differences of a kernel could flip."""
+    torch.manual_seed(seed)
+    cpu = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256)).eval()
+    if spread:
+        for p in cpu.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    cuda = GPT(cpu.config).eval()
+    cuda.load_state_dict(cpu.state_dict())
+    return cpu, cuda.cuda()
+
+
+def test_bf16_autocast_logits_are_within_tolerance_of_fp32():
+    _, model = model_pair()
+    idx = torch.randint(0, 50257, (4, 128), device="cuda")
+    with torch.no_grad():
+        reference = F.log_softmax(model(idx)[0].float(), -1)
+        with autocast("cuda", "bfloat16"):
+            mixed = F.log_softmax(model(idx)[0].float(), -1)
+    assert (mixed - reference).abs().mean() < 0.05
+    assert (mixed.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+
+
+def test_compiled_equals_eager_logits_and_greedy_tokens():
+    _, model = model_pair(spread=True)
+    compiled = torch.compile(model)
+    idx = torch.randint(0, 50257, (2, 64), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx)[0], model(idx)[0], atol=1e-4, rtol=1e-4)
+
+    def greedy(forward, prompt, n=20):  # greedy decoding by re-reading the whole sequence each step
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            for _ in range(n):
+                ids = torch.cat([ids, forward(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids[0, len(prompt):].tolist()
+    prompt = idx[0, :16].tolist()
+    assert greedy(compiled, prompt) == greedy(model, prompt) == model.generate([prompt], 20, greedy=True, eos=None)[0]
+
+
+def test_fused_adamw_step_equals_the_default():
+    _, a = model_pair()
+    _, b = model_pair()
+    fused = train.adamw(a.train(), {"learning_rate": 1e-3, "weight_decay": 0.01})
+    plain = torch.optim.AdamW(b.train().parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                              foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for model, optimizer in ((a, fused), (b, plain)):
+            torch.manual_seed(1)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_generation_with_the_rules_on_cuda_equals_the_cpu():
+    cpu, cuda = model_pair(seed=3, spread=True)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    on_cpu = cpu.generate(prompts, 40, greedy=True, eos=None, hook=RuleState(prompts, RuleSet(), "cpu"))
+    on_cuda = cuda.generate(prompts, 40, greedy=True, eos=None, hook=RuleState(prompts, RuleSet(), "cuda"))
+    assert on_cuda == on_cpu
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_train_and_resume_on_cuda_reproduce_the_losses(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_train(*TINY_RUN, "--device=cuda", "--max_iters=4", f"--out_dir={whole}").returncode == 0
+    r = run_train(*TINY_RUN, "--device=cuda", "--max_iters=2", f"--out_dir={part}")
+    assert r.returncode == 0, r.stderr
+    r = run_train("--init_from=resume", f"--out_dir={part}", "--device=cuda", "--max_iters=4")
+    assert r.returncode == 0, r.stderr
+    losses = lambda d: [json.loads(line)["loss"] for line in open(d / "log.jsonl")]  # noqa: E731
+    assert len(losses(whole)) == 4 and losses(part) == pytest.approx(losses(whole), abs=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_torchrun_two_gpus_match_one(tmp_path):
+    one = run_train(*TINY_RUN, "--device=cuda", "--max_iters=4", f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
+                          *TINY_RUN, "--gradient_accumulation_steps=1", "--max_iters=4", f"--out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = lambda d: [json.loads(line)["loss"] for line in open(d / "log.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-3)
+
+
+def test_the_gpu_bench_measures_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "gpu", "--tiny", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row.get("error") for row in report["train"]] == [None, None], report["train"]
+    assert all(row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_gib"] > 0 for row in report["train"])
+    assert [row["batch"] for row in report["decode"]] == [1, 8, 64] and all(row["ratio"] > 0 for row in report["decode"])
+    assert all(v > 0 for v in report["evaluation"].values())
