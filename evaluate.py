@@ -74,6 +74,7 @@ DEFAULTS = {
     "max_new_tokens": (1024, "generation limit; 1024 = until <|endoftext|> or the end of GPT-2's context, as the "
                              "official evaluation (limit 8,192); --compare gives the no-EOS-rule model 512, as it does"),
     "batch_size": (8, "prompts generated, or responses scored, together"),
+    "compile": (False, "generate through torch.compile in fixed shapes (CUDA graphs on a GPU; the same tokens)"),
     "negatives": (5, "ranking: other instructions' responses compared with each instruction's own"),
     "seed": (0, "seeds the ranking's draws; 0 is the official ratio_eval.py's random.seed(0): the same pairs"),
     "tinyworld": (False, "TinyWorld's whole comparison over --seeds, judged exactly (data/tinyworld/README.md)"),
@@ -134,21 +135,24 @@ def encode_pair(instruction, response, block_size):
 
 
 @torch.no_grad()
-def score_responses(model, rule_set, pairs, device, dtype, batch_size=8):
-    """[(instruction, response)] -> the log-probability of each token of each response and of the <|endoftext|>
-    closing it, given its instruction in the chat format, under the model (times the rules when on: the
-    same product of experts the sampler uses). Pairs of similar length are scored together, right-padded."""
+def score_responses(model, rule_sets, pairs, device, dtype, batch_size=8):
+    """[(instruction, response)] -> for each of `rule_sets`, the log-probability of each token of each response
+    and of the <|endoftext|> closing it, given its instruction in the chat format, under the model (times the
+    rules when on: the same product of experts the sampler uses). Pairs of similar length are scored together,
+    right-padded; the rule sets share the model's forward passes (base, base + rules and the ablations of
+    --compare read the references once)."""
     encoded = [encode_pair(q, r, model.config.block_size) for q, r in pairs]
     order = sorted(range(len(pairs)), key=lambda k: len(encoded[k][0]))
-    out = [None] * len(pairs)
+    out = [[None] * len(pairs) for _ in rule_sets]
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", file=sys.stderr, leave=False):
         chunk = order[start:start + batch_size]
-        for k, logprobs in zip(chunk, score_batch(model, rule_set, [encoded[k] for k in chunk], device, dtype)):
-            out[k] = logprobs
+        for scored, per_rule_set in zip(out, score_batch(model, rule_sets, [encoded[k] for k in chunk], device, dtype)):
+            for k, logprobs in zip(chunk, per_rule_set):
+                scored[k] = logprobs
     return out
 
 
-def score_batch(model, rule_set, batch, device, dtype, chunk=64):
+def score_batch(model, rule_sets, batch, device, dtype, chunk=64):
     B, L = len(batch), max(len(ids) for ids, _ in batch) - 1
     x = torch.zeros((B, L), dtype=torch.long)
     targets = torch.full((B, max(len(ids) - p for ids, p in batch)), EOT, dtype=torch.long)  # (B, T), padded
@@ -158,25 +162,28 @@ def score_batch(model, rule_set, batch, device, dtype, chunk=64):
     x, targets = x.to(device), targets.to(device)
     rows = model.vocab.rows(targets)  # the targets' rows of lm_head (the ids themselves for GPT-2)
     first = torch.tensor([p - 1 for _, p in batch], device=device)  # the position that predicts each first target
-    state = RuleState([ids[:p] for ids, p in batch], rule_set, device) if rule_set.on else None
-    picked = []  # (B, n) log-probs of the targets, `chunk` target positions at a time: logits are (B, chunk, V)
+    states = [RuleState([ids[:p] for ids, p in batch], r, device) if r.on else None for r in rule_sets]
+    picked = [[] for _ in rule_sets]  # per rule set, (B, n) log-probs of the targets, `chunk` positions at a time
     with autocast(device, dtype), varying_lengths():  # every batch has a length of its own
         h = model.hidden(x)  # (B, L, C): right padding is never seen by the real tokens before it
         for t0 in range(0, targets.size(1), chunk):
             span = torch.arange(t0, min(t0 + chunk, targets.size(1)), device=device)
             positions = (first[:, None] + span[None, :]).clamp(max=L - 1)  # (B, n); past a row's end: ignored
             logits = model.lm_head(h[torch.arange(B, device=device)[:, None], positions]).float()  # (B, n, V)
-            if state is None:
-                picked.append(F.log_softmax(logits, dim=-1).gather(2, rows[:, span, None])[..., 0])
-                continue
-            for k, t in enumerate(span.tolist()):  # the rules' scores depend on the response so far: step by step
-                # over a restricted vocabulary's own ids: the rule LM's normalizer there differs by a constant,
-                # which the product's renormalization removes
-                logprobs = product_of_experts(logits[:, k], model.vocab.own(state.scores()))  # (B, V)
-                picked.append(logprobs.gather(1, rows[:, t:t + 1]))
-                state.update(targets[:, t])
-    picked = torch.cat(picked, dim=1).cpu()  # (B, T)
-    return [picked[b, :len(ids) - p] for b, (ids, p) in enumerate(batch)]
+            plain = F.log_softmax(logits, dim=-1).gather(2, rows[:, span, None])[..., 0] \
+                if any(state is None for state in states) else None
+            for state, scored in zip(states, picked):
+                if state is None:
+                    scored.append(plain)
+                    continue
+                for k, t in enumerate(span.tolist()):  # the rules' scores depend on the response so far: in steps
+                    # over a restricted vocabulary's own ids: the rule LM's normalizer there differs by a
+                    # constant, which the product's renormalization removes
+                    logprobs = product_of_experts(logits[:, k], model.vocab.own(state.scores()))  # (B, V)
+                    scored.append(logprobs.gather(1, rows[:, t:t + 1]))
+                    state.update(targets[:, t])
+    picked = [torch.cat(scored, dim=1).cpu() for scored in picked]  # each (B, T)
+    return [[scored[b, :len(ids) - p] for b, (ids, p) in enumerate(batch)] for scored in picked]
 
 
 def ranking_win_rate(score, n, negatives, seed):
@@ -206,41 +213,46 @@ def parse_model(spec):
         raise ValueError(f"--models: {spec}: {str(e).split(': ', 1)[1]}") from None
 
 
-def score_pairs(model, rule_set, rows, pairs, config, device, dtype):
-    """{(i, j): log-probs of row j's reference response under row i's instruction} for the pairs asked."""
+def score_pairs(model, rule_sets, rows, pairs, config, device, dtype):
+    """For each of `rule_sets`, {(i, j): log-probs of row j's reference response under row i's instruction} for
+    the pairs asked."""
     unique = sorted(set(pairs))
-    logprobs = score_responses(model, rule_set, [(rows[i]["instruction"], rows[j]["reference"]) for i, j in unique],
-                               device, dtype, config["batch_size"])
-    return dict(zip(unique, logprobs))
+    scored = score_responses(model, rule_sets, [(rows[i]["instruction"], rows[j]["reference"]) for i, j in unique],
+                             device, dtype, config["batch_size"])
+    return [dict(zip(unique, logprobs)) for logprobs in scored]
 
 
-def evaluate_model(spec, rows, ranked, config, device, dtype, max_new_tokens):
-    """Generate for every instruction of `rows`, score their references, rank the responses of `ranked` (rows
-    with references): -> (metrics, AlpacaEval rows)."""
-    init_from, rule_set = parse_model(spec)
+def evaluate_models(init_from, specs, rows, ranked, config, device, dtype):
+    """Every spec [(spec, max_new_tokens)] over one model (init_from alone, or with rules): generate for every
+    instruction of `rows`, then score their references and rank the responses of `ranked` (rows with
+    references) for all specs in one pass of the model -> [(metrics, AlpacaEval rows)], one per spec."""
     model = for_inference(GPT.from_pretrained(init_from), device, dtype)
-    outputs = []
-    for i in tqdm(range(0, len(rows), config["batch_size"]), desc=f"{spec}: generating", file=sys.stderr):
-        batch = rows[i:i + config["batch_size"]]
-        outputs += respond(model, [chat.encode_prompt(r["instruction"]) for r in batch],
-                           {**config, "max_new_tokens": max_new_tokens, "greedy": True, "temperature": 1.0,
-                            "top_k": 0, "top_p": 1.0}, rule_set, device, dtype)
-    metrics = proxies(outputs, [r["instruction"] for r in rows])
-    table = {}
+    rule_sets, metrics, alpaca = [parse_model(spec)[1] for spec, _ in specs], [], []
+    for (spec, max_new_tokens), rule_set in zip(specs, rule_sets):
+        outputs = []
+        for i in tqdm(range(0, len(rows), config["batch_size"]), desc=f"{spec}: generating", file=sys.stderr):
+            batch = rows[i:i + config["batch_size"]]
+            outputs += respond(model, [chat.encode_prompt(r["instruction"]) for r in batch],
+                               {**config, "max_new_tokens": max_new_tokens, "greedy": True, "temperature": 1.0,
+                                "top_k": 0, "top_p": 1.0}, rule_set, device, dtype)
+        metrics.append(proxies(outputs, [r["instruction"] for r in rows]))
+        alpaca.append([{"instruction": r["instruction"], "output": chat.decode(out).strip(), "generator": spec,
+                        "dataset": r["dataset"]} for r, out in zip(rows, outputs)])
+    tables = []
     if len(ranked) >= 2:  # the ranking's draws depend on the seed alone: collect the pairs, score them batched
         wanted = []
         ranking_win_rate(lambda i, j: wanted.append((i, j)) or 0.0, len(ranked), config["negatives"], config["seed"])
-        table = score_pairs(model, rule_set, ranked, wanted, config, device, dtype)
-        metrics["ranking"] = ranking_win_rate(lambda i, j: table[(i, j)].mean().item(), len(ranked),
-                                              config["negatives"], config["seed"])
+        tables = score_pairs(model, rule_sets, ranked, wanted, config, device, dtype)
+        for m, table in zip(metrics, tables):
+            m["ranking"] = ranking_win_rate(lambda i, j: table[(i, j)].mean().item(), len(ranked),
+                                            config["negatives"], config["seed"])
     references = [r for r in rows if r["reference"] is not None]
     if references:  # the ranking scored every own response already when it ranked these same rows
-        own = table if ranked == references and table else \
-            score_pairs(model, rule_set, references, [(i, i) for i in range(len(references))], config, device, dtype)
-        metrics["nll"] = -torch.cat([own[(i, i)] for i in range(len(references))]).mean().item()
-    alpaca = [{"instruction": r["instruction"], "output": chat.decode(out).strip(), "generator": spec,
-               "dataset": r["dataset"]} for r, out in zip(rows, outputs)]
-    return metrics, alpaca
+        owns = tables if ranked == references and tables else \
+            score_pairs(model, rule_sets, references, [(i, i) for i in range(len(references))], config, device, dtype)
+        for m, own in zip(metrics, owns):
+            m["nll"] = -torch.cat([own[(i, i)] for i in range(len(references))]).mean().item()
+    return list(zip(metrics, alpaca))
 
 
 # ------------------------------------------------------------------------------------------- the comparison
@@ -438,7 +450,8 @@ def judge(model, rule_set, rows, device, dtype):
     """Greedy answers to every row's instruction in the chat format, judged exactly: an answer is correct when it
     ends with <|endoftext|> (the model stopped) and its family's checker (data/tinyworld/world.py) accepts it.
     `answered`: the checker accepts the text before any new <|user|> turn, stopped or not (what the model knew)."""
-    settings = {"max_new_tokens": WORLD_LIMIT, "greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+    settings = {"max_new_tokens": WORLD_LIMIT, "greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
+                "compile": False}
     judged = []
     for i in range(0, len(rows), WORLD_BATCH):
         batch = rows[i:i + WORLD_BATCH]
@@ -459,7 +472,7 @@ def world_ranking(model, rule_set, rows, config, device, dtype):
     others = [(i, ks[i % len(ks)]) for i, r in enumerate(rows) for f, ks in by_family.items() if f != r["family"] and ks]
     ranked = [{"instruction": r["instruction"], "reference": r["answer"]} for r in rows]
     pairs = others + [(i, i) for i in range(len(rows))]
-    table = score_pairs(model, rule_set, ranked, pairs, {**config, "batch_size": WORLD_BATCH}, device, dtype)
+    table = score_pairs(model, [rule_set], ranked, pairs, {**config, "batch_size": WORLD_BATCH}, device, dtype)[0]
     mean = {pair: logprobs.mean().item() for pair, logprobs in table.items()}
     return 100 * sum(mean[(i, i)] > mean[(i, j)] for i, j in others) / len(others)
 
@@ -647,11 +660,15 @@ def main(argv):
     models = comparison(config) if config["compare"] else [(spec, spec, limit) for spec in config["models"].split()]
     for _, spec, _ in models:  # a typo or a half-trained run fails now, not after an hour of generation
         check_finished(spec)
-    results = {}
-    for label, spec, max_new_tokens in models:
-        metrics, alpaca = evaluate_model(spec, rows, ranked, config, device, dtype, max_new_tokens)
-        results[label] = {"model": spec, "max_new_tokens": max_new_tokens, **metrics}
-        chat.write_atomic(out_dir / f"{file_name(label)}.json", json.dumps(alpaca, indent=2, ensure_ascii=False))
+    results, groups = {}, {}
+    for label, spec, max_new_tokens in models:  # one group per model: base, base + rules and the ablations share it
+        groups.setdefault(parse_model(spec)[0], []).append((label, spec, max_new_tokens))
+    for init_from, members in groups.items():
+        evaluated = evaluate_models(init_from, [(spec, n) for _, spec, n in members], rows, ranked, config, device, dtype)
+        for (label, spec, max_new_tokens), (metrics, alpaca) in zip(members, evaluated):
+            results[label] = {"model": spec, "max_new_tokens": max_new_tokens, **metrics}
+            chat.write_atomic(out_dir / f"{file_name(label)}.json", json.dumps(alpaca, indent=2, ensure_ascii=False))
+    results = {label: results[label] for label, _, _ in models}  # the table in the order asked
     table = markdown(results, config["compare"], f"{Path(ranked_file).stem}, {len(ranked):,}")
     print(table)
     chat.write_atomic(out_dir / "results.md", table + "\n")

@@ -3,11 +3,10 @@ GPT-2 in one file: the pretrained language model every method in the paper start
 
     python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.config)"
 
-Module names and weight shapes equal those of Hugging Face's GPT-2 state dict (transformer.h.0.attn.c_attn,
-...), so a checkpoint from the hub loads with no renaming and no transposes; checkpoint.py reads and writes
-the files (safetensors, with a small strict reader: no pickle anywhere). `generate` decodes a batch of
-prompts of different lengths with a key/value cache and takes a per-step hook that adds to the next-token
-log-probabilities: that hook is how rules.py multiplies the rule-based LM into GPT-2 (paper section 5).
+Module names and weight shapes equal those of Hugging Face's GPT-2 state dict (transformer.h.0.attn.c_attn, ...),
+so hub checkpoints load with no renaming or transposes (checkpoint.py reads the files: safetensors, no pickle).
+`generate` decodes a batch of prompts of different lengths with a key/value cache and takes a per-step hook
+that adds to the next-token log-probabilities: how rules.py multiplies the rule LM into GPT-2 (section 5).
 """
 import math
 from dataclasses import dataclass
@@ -18,15 +17,15 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
+from sampling import next_tokens
 from vocab import Vocabulary
 
 EOT = 50256  # <|endoftext|>: GPT-2's only special token; the paper's end of a response
 
 
 def varying_lengths():
-    """Attention kernels for lengths that change from call to call (decoding, scoring): every backend but cuDNN's,
-    which PyTorch prefers on Hopper GPUs but which plans anew for each length, ~2.5 ms of CPU a call (an H200,
-    torch 2.11: decoding ran 10x slower). Training keeps it: its shapes repeat."""
+    """Attention kernels for lengths that change from call to call (decoding, scoring): all but cuDNN's, which
+    Hopper GPUs prefer but which plans anew for each length (~2.5 ms of CPU a call: 10x slower decoding, H200)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -43,28 +42,33 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole generation: (n_layer, B, nh, T_max, hs)."""
+    """Keys and values for a whole generation: one (B, nh, T_max, hs) tensor per layer (small compiled writes)."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v
         self.length = 0  # positions filled so far; GPT.hidden advances it after all layers have written
+        self.slot = None  # compiled decoding: a (1,) tensor, the one slot the next token writes (static shapes)
 
     @classmethod
     def empty(cls, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # one layer's
         # zeros, not empty: masked-out padding slots are never written, and 0 * NaN garbage would be NaN
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv"))
 
     def row(self, b, start):
         """A cache for sequence b alone whose position 0 is slot `start`: a view, so writes land in self."""
-        return KVCache(self.k[:, b:b + 1, :, start:], self.v[:, b:b + 1, :, start:])
+        return KVCache([k[b:b + 1, :, start:] for k in self.k], [v[b:b + 1, :, start:] for v in self.v])
 
     def update(self, layer, k, v):
-        # k, v: (B, nh, T, hs) for the new positions; returns all keys and values so far, (B, nh, length+T, hs)
+        # k, v: (B, nh, T, hs) for the new positions; returns all keys and values so far, (B, nh, length+T, hs);
+        # with a slot (compiled decoding): written at a tensor index, and every slot returned: fixed shapes
+        if self.slot is not None:
+            self.k[layer][:, :, self.slot], self.v[layer][:, :, self.slot] = k, v
+            return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Linear(nn.Module):
@@ -180,7 +184,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(self.vocab.rows(idx)) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, cache, mask)
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.length += T
         return self.transformer.ln_f(x)
 
@@ -197,7 +201,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     @varying_lengths()  # the key length grows every step
     def generate(self, prompts, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
-                 hook=None, callback=None, eos=EOT, use_cache=True, generator=None):
+                 hook=None, callback=None, eos=EOT, use_cache=True, generator=None, compiled=False):
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens. Returns one
         list of new tokens per prompt, ending at `eos` (included) if produced; eos=None runs max_new_tokens.
         hook(logprobs, generated) -> bias: called every step with the next-token log-probabilities (B, 50257) and
@@ -207,12 +211,12 @@ class GPT(nn.Module):
         Prompts are left-padded to a common length P (left_pad), so new tokens are appended in one column; padding
         is masked out of attention and positions count from each prompt's first real token, so a batch gives what
         each prompt gives alone. With the cache, each prompt is first read alone (prefill); then all rows decode
-        together, one token a step (next_hidden)."""
+        together, one token a step (next_hidden); compiled: through torch.compile, in fixed shapes (static_cache)."""
         idx, valid = self.left_pad(prompts)  # (B, P): the ids, and True where they are real (not padding)
         max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))  # learned positions end there
         generated = idx.new_empty((len(prompts), 0))  # (B, n): the new tokens, one column per step
         if use_cache:
-            cache, h = self.prefill(prompts, idx, max_new_tokens)
+            cache, h = self.prefill(prompts, idx, max_new_tokens, static=compiled)
         else:
             cache, h = None, self.next_hidden(idx, valid, generated)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
@@ -250,14 +254,15 @@ class GPT(nn.Module):
             idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         return idx, torch.arange(P, device=device)[None, :] >= (P - lengths)[:, None]
 
-    def prefill(self, prompts, idx, max_new_tokens):
-        """(cache, h): a KVCache with room for the whole generation (P + max_new_tokens slots a row) holding the
-        prompts, each read alone into its right-aligned slots (no compute spent on padding: those slots stay
-        zero and are masked out later); h (B, C) is the hidden state at each prompt's last token."""
+    def prefill(self, prompts, idx, max_new_tokens, static=False):
+        """(cache, h): a KVCache with room for the whole generation (P + max_new_tokens slots a row; static:
+        static_cache) holding the prompts, each read alone into its right-aligned slots (no compute spent on
+        padding: those slots stay zero, masked out); h (B, C) is the hidden state at each prompt's last token."""
         B, P = idx.shape
         kind = idx.device.type  # the cache stores keys and values in the dtype the layers compute in
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.lm_head.weight.dtype
-        cache = KVCache.empty(self.config, B, P + max_new_tokens, idx.device, dtype)
+        cache = self.static_cache(B, idx.device, dtype) if static else \
+            KVCache.empty(self.config, B, P + max_new_tokens, idx.device, dtype)
         h = torch.cat([self.hidden(idx[b:b + 1, P - len(p):], cache=cache.row(b, P - len(p)))[:, -1]
                        for b, p in enumerate(prompts)])
         cache.length = P  # each row's view counted its own length; the batch decodes on from slot P
@@ -270,15 +275,33 @@ class GPT(nn.Module):
         keys = torch.cat([valid, torch.ones_like(generated, dtype=torch.bool)], dim=1)  # (B, P + n): real keys
         padded = not bool(valid.all())  # without padding, no mask: plain causal attention (the fast kernels)
         if cache is not None:
-            # one query a row, which may see every real key: the 4-D mask is the keys, (B, 1, 1, P + n)
-            mask = keys[:, None, None, :] if padded else None
+            mask = keys[:, None, None, :] if padded else None  # one query a row sees every real key: (B, 1, 1, P + n)
             pos = (valid.sum(1) + generated.size(1) - 1)[:, None]  # (B, 1): the prompt's length + n - 1
-            return self.hidden(generated[:, -1:], pos, cache, mask)[:, -1]
+            if cache.slot is None:
+                return self.hidden(generated[:, -1:], pos, cache, mask)[:, -1]
+            cache.slot.fill_(keys.size(1) - 1)  # compiled: the newest token's slot, P + n - 1; every slot is a
+            keys = F.pad(keys, (0, cache.k[0].size(2) - keys.size(1)))  # key, the unwritten ones masked out: (B, T_max)
+            newest = generated[:, -1:].clone(memory_format=torch.contiguous_format)  # fixed strides: one graph
+            return self.compiled_hidden(newest, pos, cache, keys[:, None, None, :])[:, -1]
         pos, mask = (keys.cumsum(1) - 1).clamp(min=0), None  # (B, P + n)
         if padded:  # (B, 1, T, T): real keys up to yourself; a padding query sees itself, so no row is empty (NaN)
             i = torch.arange(keys.size(1), device=keys.device)
             mask = (keys[:, None, None, :] & (i[None, :] <= i[:, None])) | torch.eye(len(i), dtype=torch.bool, device=keys.device)
         return self.hidden(torch.cat([idx, generated], dim=1), pos, None, mask)[:, -1]
+
+    def static_cache(self, B, device, dtype):
+        """The block_size-slot cache of compiled decoding, zeroed; kept on the model with the compiled self.hidden
+        that reads it, so later calls of the same shape reuse both (CUDA graphs need them to stay put)."""
+        cache = getattr(self, "_static_cache", None)
+        if cache is None or (len(cache.k[0]), cache.k[0].dtype, cache.slot.device) != (B, dtype, torch.device(device)):
+            cache = self._static_cache = KVCache.empty(self.config, B, self.config.block_size, device, dtype)
+            cache.slot = torch.zeros(1, dtype=torch.long, device=device)
+            for buffer in cache.k + cache.v if cache.slot.is_cuda else ():  # a CUDA graph writes them in place
+                torch._dynamo.mark_static_address(buffer)
+            mode = "reduce-overhead" if cache.slot.is_cuda else None  # CUDA graphs: one launch a step
+            self.compiled_hidden = torch.compile(self.hidden, mode=mode, dynamic=False)
+        torch._foreach_zero_(cache.k + cache.v)
+        return cache
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -295,26 +318,3 @@ class GPT(nn.Module):
         """Write config.json + model.safetensors as transformers' save_pretrained does (both load the directory)."""
         tensors = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
         checkpoint.write_pretrained(directory, self.config, tensors)
-
-
-def next_tokens(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from (B, V) log-probabilities: argmax if greedy, else temperature, top-k, top-p."""
-    if greedy or temperature == 0:
-        return logprobs.argmax(dim=-1)
-    scores = logprobs / temperature
-    if top_k is not None and top_k < scores.size(-1):
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        scores = top_p_filter(scores, top_p)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-def top_p_filter(scores, p):
-    """Top-p (nucleus) filtering of (B, V) scores (log-probabilities up to a constant per row): per row, keep
-    the smallest set of likeliest tokens whose probabilities (softmax of the row) add up to at least p, and
-    set every other score to -inf. Returns the new scores; the kept ones are unchanged."""
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-    probs = sorted_scores.softmax(dim=-1)
-    drop = probs.cumsum(dim=-1) - probs >= p  # drop tokens once the mass before them reaches p
-    return scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))

@@ -197,7 +197,7 @@ def respond(model, prompts, config, rule_set, device, dtype, stream=None):
     with autocast(device, dtype):
         return model.generate(prompts, config["max_new_tokens"], greedy=config["greedy"],
                               temperature=config["temperature"], top_k=config["top_k"] or None, top_p=config["top_p"],
-                              hook=hook, callback=callback, generator=generator)
+                              hook=hook, callback=callback, generator=generator, compiled=config["compile"])
 
 
 # -------------------------------------------------------------------------------------- the README's figure

@@ -35,13 +35,22 @@ def shape():
 
 
 def machine():
-    """The machine's state, recorded with every figure: threads, cores, and the 1-minute load average (before the
-    bench itself adds to it). Warns when another process is busy."""
-    load = os.getloadavg()[0]
+    """The machine's state, recorded with every figure: threads, cores, the 1-minute load average, and the share
+    of the CPU other processes used during the second before the bench (Linux: /proc/stat), which, unlike the
+    load average, does not lag. Warns when another process is busy."""
+    load, others = os.getloadavg()[0], None
+    if os.path.exists("/proc/stat"):
+        def ticks():
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+        (total0, idle0), _, (total1, idle1) = ticks(), time.sleep(1.0), ticks()
+        others = round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
     state = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_1min": round(load, 2),
-             "busy": load > 0.5}
+             "cpu_busy_before": others, "busy": (others if others is not None else load / os.cpu_count()) > 0.2}
     print(f"machine: {state['cores']} cores, {state['threads']} torch threads, load average {load:.2f}"
-          + ("  WARNING: the machine is busy; these figures are not quiet ones" if state["busy"] else " (quiet)"))
+          + (f", CPU {100 * others:.0f}% busy the second before" if others is not None else "")
+          + ("  WARNING: another process is using the CPU; these figures are not quiet ones" if state["busy"] else " (quiet)"))
     return state
 
 
@@ -195,15 +204,17 @@ def lima_lengths():
     raise FileNotFoundError("no LIMA or sample data")
 
 
-def bench_grouping(train, steps=2):
+def bench_grouping(train, steps=1):
     """One 64-sequence step (micro-batches of 4) of LIMA-length sequences, forward + backward, grouped by length
     as train.micro_batches does vs in the data order: the same examples, padded to each micro-batch's longest."""
     source, lengths = lima_lengths()
+    # a small model with a small vocabulary: the padding's share of the time is what is measured, and GPT-2's
+    # 50,257-row output layer would make a CPU step of LIMA's 64 sequences take minutes
     config = dict(n_layer=2, n_head=4, n_embd=128) if TINY else dict(n_layer=4, n_head=4, n_embd=256)
-    model = GPT(GPTConfig(**config)).train()
-    examples = [(list(range(n)), list(range(1, n)) + [-1]) for n in lengths]
+    model = GPT(GPTConfig(**config, vocab_size=1024)).train()
+    examples = [(list(range(n)), list(range(1, n)) + [-1]) for n in lengths]  # ids < 1024: block_size
     settings = {"batch_size": 4, "gradient_accumulation_steps": 16, "seed": 0, "block_size": 1024}
-    grouped = [train.micro_batches(examples, s, settings, 0, 1) for s in range(1 if TINY else steps)]
+    grouped = [train.micro_batches(examples, s, settings, 0, 1) for s in range(steps)]
     in_order, n = [], len(examples)  # the same examples of each step in the data order, as before the grouping
     for step in range(len(grouped)):
         order = [k for e in range(64 * (step + 1) // n + 1)
@@ -221,7 +232,7 @@ def bench_grouping(train, steps=2):
     padded = lambda all_batches: sum(train.collate(b, "cpu", 1024)[0].numel()  # noqa: E731
                                      for batches in all_batches for b in batches)
     t_in_order, t_grouped = interleaved([lambda: run(in_order), lambda: run(grouped)], rounds=2)
-    return {"lengths_from": source, "grouping_shape": f"{config['n_layer']} layers x {config['n_embd']}",
+    return {"lengths_from": source, "grouping_shape": f"{config['n_layer']} layers x {config['n_embd']}, 1,024-token vocabulary",
             "padding_ungrouped": 1 - real / padded(in_order), "padding_grouped": 1 - real / padded(grouped),
             "tokens_per_s_ungrouped": real / t_in_order, "tokens_per_s_grouped": real / t_grouped}
 
@@ -362,7 +373,7 @@ def bench_evaluation(device, n_prompts=50):
             encoded.append((ids, p))
         encoded.sort(key=lambda e: len(e[0]))
         for rule_set in (NO_RULES, RuleSet()):
-            t = cuda_time(lambda: [evaluate.score_batch(ours, rule_set, encoded[i:i + 8], device, "bfloat16")
+            t = cuda_time(lambda: [evaluate.score_batch(ours, [rule_set], encoded[i:i + 8], device, "bfloat16")
                                    for i in range(0, n_pairs, 8)], device)
             out[f"score_6000_pairs{'_rules' if rule_set.on else ''}_s"] = t * 6000 / n_pairs
     return out

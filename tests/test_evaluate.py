@@ -69,7 +69,7 @@ def test_a_model_that_always_stops_at_once(tmp_path):
     rows = [{"instruction": "Say hi.", "reference": "Hi!", "dataset": "t"},
             {"instruction": "Name a color.", "reference": "Blue.", "dataset": "t"}]
     config = {k: v for k, (v, _) in evaluate.DEFAULTS.items()}
-    metrics, alpaca = evaluate.evaluate_model(str(directory), rows, rows, config, "cpu", "float32", max_new_tokens=10)
+    [(metrics, alpaca)] = evaluate.evaluate_models(str(directory), [(str(directory), 10)], rows, rows, config, "cpu", "float32")
     assert metrics["stop"] == 100 and metrics["length"] == 0 and metrics["breaks"] == 0
     assert [a["output"] for a in alpaca] == ["", ""]
     assert metrics["nll"] > 100  # every reference token other than the final <|endoftext|> is all but impossible
@@ -79,7 +79,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
     hf, directory = small_hf
     model = GPT.from_pretrained(directory).eval()
     instruction, response = "Name three primary colors.", " Red, yellow and blue.\n"
-    ours = -evaluate.score_responses(model, NO_RULES, [(instruction, response)], "cpu", "float32")[0].mean()
+    ours = -evaluate.score_responses(model, [NO_RULES], [(instruction, response)], "cpu", "float32")[0][0].mean()
     ids, mask = chat.encode_chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
 def test_scoring_with_rules_is_the_product_of_experts(small_hf):
     model = GPT.from_pretrained(small_hf[1]).eval()
     instruction, response = "List two colors.", "- red\n- red"
-    ours = evaluate.score_responses(model, RuleSet(), [(instruction, response)], "cpu", "float32")[0]
+    ours = evaluate.score_responses(model, [RuleSet()], [(instruction, response)], "cpu", "float32")[0][0]
     prompt, target = chat.encode_prompt(instruction), chat.encode(response) + [EOT]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + target]))[0][0]
@@ -107,11 +107,25 @@ def test_batched_scoring_equals_one_at_a_time(small_hf, rule_set):
     pairs = [(a["instruction"], b["reference"]) for a in rows for b in rows[:3]]  # 21 pairs of varied lengths
     pairs.append(("x " * 50, "y " * 100))  # longer than the 128-token context: the response's end is cut
     pairs.append(("x " * 150, "y " * 10))  # a prompt longer than the context alone: it loses its start
-    batched = evaluate.score_responses(model, rule_set, pairs, "cpu", "float32", batch_size=5)
-    alone = [evaluate.score_responses(model, rule_set, [pair], "cpu", "float32", batch_size=1)[0] for pair in pairs]
+    batched = evaluate.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=5)[0]
+    alone = [evaluate.score_responses(model, [rule_set], [pair], "cpu", "float32", batch_size=1)[0][0] for pair in pairs]
     assert [len(a) for a in alone][-2:] == [128 + 1 - len(chat.encode_prompt("x " * 50)), 1]
     for a, b in zip(alone, batched):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_rule_sets_scored_together_equal_each_scored_alone(small_hf):
+    """--compare scores base, base + rules and the three ablations in one pass of the base model."""
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    rows = [json.loads(line) for line in open(ROOT / "data" / "eval" / "eval.jsonl")][:4]
+    pairs = [(a["instruction"], b["reference"]) for a in rows for b in rows[:2]]
+    rule_sets = [NO_RULES, RuleSet(), RuleSet(eos=False), RuleSet(diversity=False), RuleSet(uniform=False)]
+    together = evaluate.score_responses(model, rule_sets, pairs, "cpu", "float32", batch_size=3)
+    for rule_set, scored in zip(rule_sets, together):
+        alone = evaluate.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=3)[0]
+        for a, b in zip(alone, scored):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not torch.allclose(together[0][0], together[1][0])  # the rules do change the scores
 
 
 def test_similarity_axes_on_constructed_vectors():

@@ -1,5 +1,5 @@
 """The checks of EXERCISES.md. Each check_<name>() reads the function under exercise from its module (rules,
-chat, evaluate or model) and asserts, over many inputs, the property a right answer must have, each compared with
+chat, evaluate or sampling) and asserts, over many inputs, the property a right answer must have, each compared with
 an independent statement of it; inputs are tried smallest first and from fixed seeds, so a failure names the
 smallest input it found and reproduces. test_<exercise> run them on the repository's code (each check takes the function, by default the module's);
 test_exercise_checks_catch_wrong_answers replaces each function with plausible wrong answers and a hard-coded one
@@ -20,8 +20,8 @@ from conftest import ROOT
 
 import chat
 import evaluate
-import model
 import rules
+import sampling
 from model import GPT
 
 
@@ -291,7 +291,7 @@ def nucleus(row, p):
 
 
 def check_top_p(top_p_filter=None):
-    top_p_filter = top_p_filter or model.top_p_filter
+    top_p_filter = top_p_filter or sampling.top_p_filter
     g = torch.Generator().manual_seed(0)
     for scores, p in distributions_smallest_first():
         V = scores.size(1)
@@ -311,7 +311,7 @@ def check_top_p(top_p_filter=None):
             logprobs = torch.log_softmax(scores, -1)
             drawn = [set() for _ in scores]
             for _ in range(100):
-                for b, t in enumerate(call(model.next_tokens, logprobs, top_p=p, generator=g, what="model.next_tokens").tolist()):
+                for b, t in enumerate(call(sampling.next_tokens, logprobs, top_p=p, generator=g, what="sampling.next_tokens").tolist()):
                     drawn[b].add(t)
             for b, row in enumerate(scores):
                 assert drawn[b] <= nucleus(row, p), f"sample(top_p={p:.3f}) drew {sorted(drawn[b] - nucleus(row, p))}, outside the kept set {sorted(nucleus(row, p))}"
@@ -323,8 +323,8 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
 
 def test_top_p_exercise_leaves_greedy_decoding_alone(monkeypatch):
     logprobs = torch.log_softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), -1)
-    monkeypatch.setattr(model, "top_p_filter", lambda scores, p: 1 / 0)  # a broken exercise
-    assert torch.equal(model.next_tokens(logprobs, greedy=True), logprobs.argmax(-1))
+    monkeypatch.setattr(sampling, "top_p_filter", lambda scores, p: 1 / 0)  # a broken exercise
+    assert torch.equal(sampling.next_tokens(logprobs, greedy=True), logprobs.argmax(-1))
 
 
 # the checks catch wrong answers: each exercise's function replaced by plausible mistakes and by a hard-coded answer
@@ -426,7 +426,7 @@ WRONG = [  # (exercise, the module and name of its function, {mistake: wrong ans
         "fails on lists shorter than n": share(lambda g: len(g) - len(set(g))),
         "always 4-grams": lambda tokens, n=4: share(lambda g: len(g) - len(set(g)), lambda t, g: max(1, len(g)))(tokens),
         "hard-coded": lambda tokens, n=4: {(7,) * 10: 6 / 7, (1, 2, 3, 4, 1, 2, 3, 4): 1 / 5}.get(tuple(tokens), 0.0)}),
-    ("top_p", model, "top_p_filter", {
+    ("top_p", sampling, "top_p_filter", {
         "drops the token that crosses p": nucleus_filter(lambda probs, p: probs.cumsum(-1) <= p),
         "never sorts": nucleus_filter(lambda probs, p: probs.cumsum(-1) - probs < p, sort=False),
         "exp() of unnormalized scores": nucleus_filter(lambda probs, p: probs.cumsum(-1) - probs < p, probs_of=lambda s: s.exp()),

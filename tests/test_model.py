@@ -97,6 +97,31 @@ def test_cached_equals_uncached(small_hf):
         assert model.generate([p], 40, greedy=True, eos=None) == model.generate([p], 40, greedy=True, eos=None, use_cache=False)
 
 
+def test_compiled_static_decoding_gives_the_eager_tokens_and_logprobs(small_hf):
+    """compiled=True: a block_size-slot cache written at a tensor index, every slot attended under a mask, through
+    torch.compile (CUDA graphs on a GPU). The same tokens as eager decoding, mixed lengths, with the rules'
+    hook; a second call of the same shape reuses the graph and the (re-zeroed) cache."""
+    from rules import RuleSet, RuleState
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 12, 1, 30)]
+    seen = {}
+
+    def record(key, state):
+        def hook(logprobs, generated):
+            seen.setdefault(key, []).append(logprobs.clone())
+            return state(logprobs, generated)
+        return hook
+    eager = model.generate(prompts, 25, greedy=True, eos=None, hook=record("eager", RuleState(prompts, RuleSet())))
+    compiled = model.generate(prompts, 25, greedy=True, eos=None, hook=record("compiled", RuleState(prompts, RuleSet())),
+                              compiled=True)
+    assert compiled == eager and len({t for row in eager for t in row}) > 10
+    for a, b in zip(seen["eager"], seen["compiled"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    others = [random_ids(1, n, seed=n + 100)[0].tolist() for n in (7, 2, 20, 9)]
+    assert model.generate(others, 25, greedy=True, eos=None, compiled=True) == model.generate(others, 25, greedy=True, eos=None)
+    assert model._static_cache.k[0].size(2) == model.config.block_size  # fixed shapes: the whole context
+
+
 def test_mixed_length_batch_equals_each_alone(small_hf):
     model = GPT.from_pretrained(small_hf[1]).eval()
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 12, 1, 30)]
@@ -162,7 +187,7 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(small_hf):
 
 
 def test_top_k_top_p_filter_exactly():
-    from model import next_tokens
+    from sampling import next_tokens
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     draws = {next_tokens(logprobs, top_k=2, generator=g).item() for _ in range(300)}
