@@ -113,13 +113,15 @@ def bench_generate():
     def ours_bf16(batch):
         with cli.autocast("cpu", "bfloat16"):
             return bf16.generate(batch, new_tokens, greedy=True, eos=None)
-    ours_1, hf_1, ours_8, bf16_1, bf16_8 = interleaved([
+    ours.generate([prompt[0].tolist()], new_tokens, greedy=True, eos=None, compiled=True)  # compiles (once a shape)
+    ours_1, hf_1, ours_8, bf16_1, bf16_8, compiled_1 = interleaved([
         lambda: ours.generate([prompt[0].tolist()], new_tokens, greedy=True, eos=None),
         lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=50256),
         lambda: ours.generate(prompts, new_tokens, greedy=True, eos=None),
         lambda: ours_bf16([prompt[0].tolist()]),
         lambda: ours_bf16(prompts),
+        lambda: ours.generate([prompt[0].tolist()], new_tokens, greedy=True, eos=None, compiled=True),
     ])
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     read_s = bandwidth()
@@ -127,7 +129,8 @@ def bench_generate():
     out = {"machine": state, "new_tokens": new_tokens, "ms_per_token_batch1": 1000 * ours_1 / new_tokens,
            "hf_ms_per_token_batch1": 1000 * hf_1 / new_tokens, "ratio_ours_vs_hf": hf_1 / ours_1,
            "batch8_vs_batch1": ours_1 * 8 / ours_8, "bf16_weights_speedup_batch1": ours_1 / bf16_1,
-           "bf16_weights_speedup_batch8": ours_8 / bf16_8, "memory_read_gb_s": read_s / 1e9,
+           "bf16_weights_speedup_batch8": ours_8 / bf16_8, "compiled_vs_eager_batch1": ours_1 / compiled_1,
+           "memory_read_gb_s": read_s / 1e9,
            "floor_ms_per_token_fp32": floor_ms, "share_of_floor_fp32": floor_ms / (1000 * ours_1 / new_tokens),
            "share_of_floor_bf16": floor_ms / 2 / (1000 * bf16_1 / new_tokens)}
     print(f"greedy decode, {'tiny' if TINY else 'gpt2'} shape, CPU, 32-token prompt, {new_tokens} new tokens, best "
@@ -137,6 +140,7 @@ def bench_generate():
     print(f"  batch 8 (prompts of 5..64 tokens): {out['batch8_vs_batch1']:.1f}x the tokens/s of batch 1")
     print(f"  bfloat16 weights: {out['bf16_weights_speedup_batch1']:.2f}x fp32 at batch 1, "
           f"{out['bf16_weights_speedup_batch8']:.2f}x at batch 8")
+    print(f"  compiled static decoding (--compile): {out['compiled_vs_eager_batch1']:.2f}x eager at batch 1")
     print(f"  bandwidth floor (weights / {out['memory_read_gb_s']:.0f} GB/s measured): fp32 {floor_ms:.1f} ms/token, "
           f"reached {100 * out['share_of_floor_fp32']:.0f}%; bf16 reached {100 * out['share_of_floor_bf16']:.0f}%")
     return out
@@ -342,9 +346,13 @@ def bench_decode(device, new_tokens=256):
             ours_fn = lambda: ours.generate(prompts, new_tokens, greedy=True, eos=None)  # noqa: E731
             hf_fn = lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,  # noqa: E731
                                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
-            t_ours, t_hf = [min(cuda_time(f, device) for _ in range(3)) for f in (ours_fn, hf_fn)]
+            compiled_fn = lambda: ours.generate(prompts, new_tokens, greedy=True, eos=None, compiled=True)  # noqa: E731
+            first_compiled = cuda_time(compiled_fn, device)  # compilation and CUDA-graph capture
+            t_ours, t_hf, t_compiled = [min(cuda_time(f, device) for _ in range(3)) for f in (ours_fn, hf_fn, compiled_fn)]
         rows.append({"batch": batch, "new_tokens": new_tokens, "ours_tok_s": batch * new_tokens / t_ours,
-                     "hf_tok_s": batch * new_tokens / t_hf, "ratio": t_hf / t_ours})
+                     "hf_tok_s": batch * new_tokens / t_hf, "ratio": t_hf / t_ours,
+                     "compiled_tok_s": batch * new_tokens / t_compiled, "compiled_ratio_vs_hf": t_hf / t_compiled,
+                     "compiled_first_call_s": first_compiled})
     return rows
 
 

@@ -32,7 +32,7 @@ def test_every_cpu_bench_runs_on_a_tiny_shape_and_records_the_machine(tmp_path):
         assert f"load average {machine['load_1min']:.2f}" in r.stdout
     values = dict(figures(report))
     assert all(math.isfinite(v) and v >= 0 for v in values.values()), values
-    for key in ("ratio_ours_vs_hf", "batch8_vs_batch1", "bf16_weights_speedup_batch1", "share_of_floor_fp32",
+    for key in ("ratio_ours_vs_hf", "batch8_vs_batch1", "bf16_weights_speedup_batch1", "share_of_floor_fp32", "compiled_vs_eager_batch1",
                 "time_ratio_ours_vs_hf", "adamw_fused_s", "tokens_per_s_grouped", "rules_step_after_1000_us"):
         assert values[key] > 0, key
     assert report["train"]["padding_grouped"] <= report["train"]["padding_ungrouped"]
