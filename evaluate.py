@@ -648,6 +648,9 @@ def main(argv):
         return similarity(config, device, dtype)
     if config["tinyworld"]:
         return tinyworld(config, device, dtype)
+    eval_set = Path(config["eval_set"])
+    if not eval_set.is_absolute() and eval_set.parent.parent == Path("data"):  # data/<name>/...: its prepare.py
+        chat.prepare_data(eval_set.parent.name, ROOT / eval_set)  # writes it on first use (TinyWorld's dev set)
     rows = chat.read_instructions(config["eval_set"])
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked, ranked_file = ranking_set(config, rows)  # a missing file fails now, not after training

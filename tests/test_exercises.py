@@ -482,18 +482,22 @@ def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
 TINYWORLD = ROOT / "data" / "tinyworld"
 
 
-def test_watch_of_exercise_4_the_shipped_response_set_is_empty_instructions_of_the_instruction_set():
-    """`python data/tinyworld/prepare.py && git status` lists nothing with a right empty_instructions because the
-    shipped response-tuning files are exactly the instruction files with every user turn emptied."""
+def test_watch_of_exercise_4_prepare_writes_the_response_set_through_empty_instructions():
+    """`python data/tinyworld/prepare.py` writes the response-tuning files as the instruction files with every user
+    turn emptied by chat.empty_instructions (prepared here on first use, as evaluate.py --tinyworld does)."""
+    chat.prepare_data("tinyworld", TINYWORLD / "tinyworld_responses_train.jsonl")
     for split in ("train", "val"):
         instructed = [json.loads(line) for line in open(TINYWORLD / f"tinyworld_{split}.jsonl")]
         responses = [json.loads(line) for line in open(TINYWORLD / f"tinyworld_responses_{split}.jsonl")]
         assert responses == [{"messages": chat.empty_instructions(row["messages"])} for row in instructed]
+        assert all(m["content"] == "" for row in responses for m in row["messages"] if m["role"] == "user")
+    assert (TINYWORLD / "tinyworld_responses_train.jsonl").read_text().startswith('{"messages": [{"role": "user", "content": ""}, ')
 
 
 @pytest.mark.skipif(not (TINYWORLD / "bases" / "seed1").exists(), reason="no shipped TinyWorld base")
 def test_watch_of_exercises_6_and_7_gives_the_quoted_ranking_and_repetition(tmp_path):
-    """Exercise 6's command, verbatim but for --out_dir: the ranking % and repeat % EXERCISES.md quotes."""
+    """Exercise 6's command, verbatim but for --out_dir (its dev set prepared on first use, as in a fresh clone):
+    the ranking % and repeat % EXERCISES.md quotes."""
     command = ("--models=data/tinyworld/bases/seed1 --eval_set=data/tinyworld/dev.jsonl --max_new_tokens=48 "
                f"--out_dir={tmp_path} --threads=1").split()
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *command], capture_output=True, text=True, cwd=ROOT)

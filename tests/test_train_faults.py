@@ -2,11 +2,16 @@
 checkpointing, bad checkpoints, and one line for every bad flag."""
 import errno
 import os
+import random
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import ROOT
 
 import checkpoint
@@ -95,9 +100,21 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_step_whole(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # the temporary files are gone
 
 
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=st.binary(max_size=2048) | st.binary(min_size=1, max_size=64).map(lambda b: b"PK\x03\x04" + b * 40))
+def test_any_bytes_are_refused_as_a_checkpoint_in_one_line(data):
+    """Whatever bytes ckpt.pt holds (random, or the start of a zip archive, torch.save's format), loading it is a
+    ValueError naming the file, never another exception (it once raised IndexError from the unpickler)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "ckpt.pt"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=r"ckpt\.pt: not a (readable )?checkpoint of train\.py"):
+            checkpoint.load_checkpoint(path)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "not a readable checkpoint of train.py"),
-    (os.urandom(4096), "not a readable checkpoint of train.py"),
+    (random.Random(0).randbytes(4096), "not a readable checkpoint of train.py"),
     ("truncated", "not a readable checkpoint of train.py"),
     ("foreign", "not a checkpoint of train.py (missing"),
     ("nan", "tensor 'transformer.wte.weight' holds NaN or Inf"),
