@@ -1,7 +1,10 @@
 """The checks of EXERCISES.md. Each check_<name>() reads the function under exercise from its module (rules,
 chat, evaluate or sampling) and asserts, over many inputs, the property a right answer must have, each compared with
 an independent statement of it; inputs are tried smallest first and from fixed seeds, so a failure names the
-smallest input it found and reproduces. test_<exercise> run them on the repository's code (each check takes the function, by default the module's);
+smallest input it found and reproduces. (Why not hypothesis, which the other tests use: enumerating every small
+input, smallest first, makes the first failure the smallest one without a shrinker, in the same order on every
+run, and a student's slow or crashing function meets each input once, not the hundreds of re-runs of shrinking.)
+test_<exercise> run them on the repository's code (each check takes the function, by default the module's);
 test_exercise_checks_catch_wrong_answers replaces each function with plausible wrong answers and a hard-coded one
 (the kind that passes a check of one fixed input) and asserts that its check fails.
 
