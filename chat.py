@@ -42,8 +42,9 @@ def tokenizer():
         try:
             _encoding = tiktoken.get_encoding("gpt2")
         except Exception as e:  # no network and no cache: tiktoken's own error names a URL, not the fix
-            raise OSError(f"GPT-2's tokenizer files could not be read or downloaded ({type(e).__name__}); offline, set "
-                          f"TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cache of them (README: 'The tokenizer offline')") from e
+            raise OSError(f"GPT-2's tokenizer files could not be read or downloaded ({type(e).__name__}); offline, "
+                          "set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cache of them "
+                          "(README: 'The tokenizer offline')") from e
     return _encoding
 
 
@@ -250,7 +251,8 @@ def check_messages(messages, where):
 def read_instructions(path):
     """Instructions to answer: JSONL with an "instruction" field per line (the paper's val.jsonl), or
     AlpacaEval's JSON list of {"instruction", "output", "dataset", ...}. Returns [{"instruction", "dataset",
-    "reference"}, ...], the reference being a "reference", "output" or "answer" (TinyWorld) field if the file gives one, else None."""
+    "reference"}, ...], the reference being a "reference", "output" or "answer" (TinyWorld) field if the file
+    gives one, else None."""
     path, data = read_bytes(path)
     if data.lstrip()[:1] == b"[":  # AlpacaEval: one JSON list
         try:
@@ -267,7 +269,7 @@ def read_instructions(path):
             raise ValueError(f"{where}: missing string field 'instruction'")
         if not row["instruction"].strip():
             raise ValueError(f"{where}: empty instruction")
-        reference = row.get("reference", row.get("output", row.get("answer")))  # a reference answer, if any (TinyWorld: "answer")
+        reference = row.get("reference", row.get("output", row.get("answer")))  # a reference answer, if any
         out.append({"instruction": row["instruction"], "dataset": row.get("dataset", path.stem),
                     "reference": reference if isinstance(reference, str) and reference.strip() else None})
     if not out:

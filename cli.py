@@ -10,7 +10,7 @@ import torch
 DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and evaluate.py all take these
     "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
     "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those; on a CPU, "
-                       "bfloat16 generates and scores in bfloat16 weights (about 2x faster decoding)"),
+                       "bfloat16 generates and scores in bfloat16 weights (1.5-2.3x faster decoding)"),
     "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for tiny models on a busy "
                    "machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s with 2 while the other core is busy)"),
 }
@@ -115,9 +115,10 @@ def autocast(device, dtype):
 
 def for_inference(model, device, dtype):
     """The model on `device` in eval mode, to generate and score. On a CPU, --dtype=bfloat16 makes the weights
-    themselves bfloat16: decoding reads every weight once a token, so half the bytes is about twice the speed
-    (2.0x at batch 1, 2.6x at batch 8 on our CPU; autocast over float32 weights casts them again every step and
-    was 0.96x). Training keeps float32 weights under autocast; on GPUs autocast does the mixed precision."""
+    themselves bfloat16: decoding reads every weight once a token, and half the bytes measured 1.5-1.7x the
+    speed at batch 1 and 2.1-2.3x at batch 8 on our CPU (tests/bench.py generate; autocast over float32 weights
+    casts them again every step: 0.96x). Training keeps float32 weights under autocast; on GPUs autocast does
+    the mixed precision."""
     model = model.to(device).eval()
     return model.to(torch.bfloat16) if device == "cpu" and dtype == "bfloat16" else model
 

@@ -74,8 +74,8 @@ DEFAULTS_VALUES = {key: value for key, (value, _) in DEFAULTS.items()}
 RESUMABLE = {"init_from", "out_dir", "max_iters", "epochs", "eval_interval", "preview", "compile", "overwrite",
              *DEVICE_FLAGS}  # what --init_from=resume may change; any other flag must match the run's own
 PREVIEW_INSTRUCTIONS = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
-            "Write a short poem about the ocean.",
-            "What are three tips for staying focused while studying?"]
+                        "Write a short poem about the ocean.",
+                        "What are three tips for staying focused while studying?"]
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -134,10 +134,10 @@ def micro_batches(examples, step, config, rank, world):
     fresh seeded permutation each epoch); step s takes the next batch_size * accumulation * world examples, so
     the data position is the step itself. The step's examples are then sorted by length and cut into
     micro-batches of similar lengths: each is padded only to its longest example, and with LIMA's long-tailed
-    lengths padding falls from 45% to 12% of the tokens. The step's loss is the same however its examples are
-    grouped (loss_weights); the grouping only saves compute. Process r takes micro-batches r, r + world, ...
-    (similar lengths on every process), so 2 processes see the micro-batches 1 process sees with twice the
-    accumulation."""
+    lengths padding falls from 39% to 7% of the tokens (micro-batches of 4; tests/bench.py train). The step's
+    loss is the same however its examples are grouped (loss_weights); the grouping only saves compute. Process r
+    takes micro-batches r, r + world, ... (similar lengths on every process), so 2 processes see the
+    micro-batches 1 process sees with twice the accumulation."""
     B, A, n = config["batch_size"], config["gradient_accumulation_steps"], len(examples)
     start = step * B * A * world
     orders, indices = {}, []  # epoch -> its permutation, drawn once (a step spans at most a few epochs)
