@@ -472,6 +472,23 @@ def test_rule_state_uses_the_exercise_eos_bias(small, monkeypatch):
     assert changed != reference and changed[3] == chat.EOT, (reference, changed)
 
 
+def test_a_student_eos_ramp_changes_what_sample_py_rules_prints(small_hf, monkeypatch, capsys):
+    """The command an exercise names, run in-process: `python sample.py --rules --prompt=...` answers with the
+    rules' EOS ramp from rules.eos_bias, so a student's version changes its output."""
+    import sample
+    args = [f"--init_from={small_hf[1]}", "--rules", "--prompt=Write a poem called Rain", "--max_new_tokens=12",
+            "--device=cpu"]
+
+    def answer():
+        assert sample.main(args) in (0, None)
+        return capsys.readouterr().out
+    reference = answer()
+    monkeypatch.setattr(rules, "eos_bias", lambda n, r: (n >= 3) * 100.0)  # a student's ramp: stop after 3 tokens
+    changed = answer()
+    # the same first tokens, then <|endoftext|> at the student's n = 3: a strict prefix of the reference's answer
+    assert reference.strip().startswith(changed.strip()) and len(changed.strip()) < len(reference.strip()), (reference, changed)
+
+
 def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
     prompt = [5, 6] + rules.USER_TAG + [7]
     reference = rules.RuleState([prompt], rules.RuleSet()).scores()
