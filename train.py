@@ -129,23 +129,29 @@ def collate(examples, device, block_size):
     return x.to(device), y.to(device)
 
 
-def micro_batches(examples, step, config, rank, world):
-    """The micro-batches of optimizer step `step` for this process. All processes walk one global order (a
-    fresh seeded permutation each epoch); step s takes the next batch_size * accumulation * world examples, so
-    the data position is the step itself. The step's examples are then sorted by length and cut into
-    micro-batches of similar lengths: each is padded only to its longest example, and with LIMA's long-tailed
-    lengths padding falls from 39% to 7% of the tokens (micro-batches of 4; tests/bench.py train). The step's
-    loss is the same however its examples are grouped (loss_weights); the grouping only saves compute. Process r
-    takes micro-batches r, r + world, ... (similar lengths on every process), so 2 processes see the
-    micro-batches 1 process sees with twice the accumulation."""
-    B, A, n = config["batch_size"], config["gradient_accumulation_steps"], len(examples)
-    start = step * B * A * world
+def step_indices(n, step, config, world):
+    """The indices (into n examples) of optimizer step `step`, in the data order. All processes walk one global
+    order (a fresh seeded permutation each epoch); step s takes the next batch_size * accumulation * world
+    examples, so the data position is the step itself."""
+    per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
     orders, indices = {}, []  # epoch -> its permutation, drawn once (a step spans at most a few epochs)
-    for k in range(start, start + B * A * world):
+    for k in range(step * per_step, (step + 1) * per_step):
         epoch, i = divmod(k, n)
         if epoch not in orders:
             orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(config["seed"] + epoch)).tolist()
         indices.append(orders[epoch][i])
+    return indices
+
+
+def micro_batches(examples, step, config, rank, world):
+    """The micro-batches of optimizer step `step` for this process: the step's examples (step_indices) sorted by
+    length and cut into micro-batches of similar lengths. Each is padded only to its longest example, and with
+    LIMA's long-tailed lengths padding falls from 39% to 7% of the tokens (micro-batches of 4; tests/bench.py
+    train). The step's loss is the same however its examples are grouped (loss_weights); the grouping only saves
+    compute. Process r takes micro-batches r, r + world, ... (similar lengths on every process), so 2 processes
+    see the micro-batches 1 process sees with twice the accumulation."""
+    B, A = config["batch_size"], config["gradient_accumulation_steps"]
+    indices = step_indices(len(examples), step, config, world)
     indices.sort(key=lambda i: len(examples[i][0]))  # by token count; stable, so ties keep the data order
     batches = [[examples[i] for i in indices[m * B:(m + 1) * B]] for m in range(A * world)]
     return batches[rank::world]

@@ -219,12 +219,9 @@ def bench_grouping(train, steps=1):
     examples = [(list(range(n)), list(range(1, n)) + [-1]) for n in lengths]  # ids < 1024: block_size
     settings = {"batch_size": 4, "gradient_accumulation_steps": 16, "seed": 0, "block_size": 1024}
     grouped = [train.micro_batches(examples, s, settings, 0, 1) for s in range(steps)]
-    in_order, n = [], len(examples)  # the same examples of each step in the data order, as before the grouping
+    in_order = []  # the same examples of each step in the data order, as before the grouping
     for step in range(len(grouped)):
-        order = [k for e in range(64 * (step + 1) // n + 1)
-                 for k in torch.randperm(n, generator=torch.Generator().manual_seed(e)).tolist()]
-        flat = [examples[k] for k in order[64 * step:64 * (step + 1)]]
-        assert sorted(map(id, flat)) == sorted(id(ex) for b in grouped[step] for ex in b)
+        flat = [examples[k] for k in train.step_indices(len(examples), step, settings, 1)]
         in_order.append([flat[m * 4:(m + 1) * 4] for m in range(16)])
 
     def run(all_batches):
