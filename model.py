@@ -66,8 +66,7 @@ class KVCache:
             self.k[layer][:, :, self.slot], self.v[layer][:, :, self.slot] = k, v
             return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length:end], self.v[layer][:, :, self.length:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -282,6 +281,7 @@ class GPT(nn.Module):
             cache.slot.fill_(keys.size(1) - 1)  # compiled: the newest token's slot, P + n - 1; every slot is a
             keys = F.pad(keys, (0, cache.k[0].size(2) - keys.size(1)))  # key, the unwritten ones masked out: (B, T_max)
             newest = generated[:, -1:].clone(memory_format=torch.contiguous_format)  # fixed strides: one graph
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are spent
             return self.compiled_hidden(newest, pos, cache, keys[:, None, None, :])[:, -1]
         pos, mask = (keys.cumsum(1) - 1).clamp(min=0), None  # (B, P + n)
         if padded:  # (B, 1, T, T): real keys up to yourself; a padding query sees itself, so no row is empty (NaN)

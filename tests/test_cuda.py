@@ -68,6 +68,18 @@ def test_compiled_equals_eager_logits_and_greedy_tokens():
     assert greedy(compiled, prompt) == greedy(model, prompt) == model.generate([prompt], 20, greedy=True, eos=None)[0]
 
 
+def test_compiled_static_decoding_with_cuda_graphs_equals_eager():
+    """generate(compiled=True) on CUDA: the static cache and torch.compile's CUDA graphs give the eager tokens,
+    with mixed prompt lengths and the rules hook, on a second call of the same shape (the graph replayed over a
+    re-zeroed cache) and on another batch size (a new graph)."""
+    _, model = model_pair(seed=4, spread=True)
+    for prompts in ([[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]], [[17, 18, 19], [20, 21]], [[22, 23]]):
+        eager = model.generate(prompts, 30, greedy=True, eos=None, hook=RuleState(prompts, RuleSet(), "cuda"))
+        for _ in range(2):
+            hook = RuleState(prompts, RuleSet(), "cuda")
+            assert model.generate(prompts, 30, greedy=True, eos=None, hook=hook, compiled=True) == eager
+
+
 def test_fused_adamw_step_equals_the_default():
     _, a = model_pair()
     _, b = model_pair()
