@@ -291,17 +291,17 @@ class GPT(nn.Module):
 
     def static_cache(self, B, device, dtype):
         """The block_size-slot cache of compiled decoding, zeroed; kept on the model with the compiled self.hidden
-        that reads it, so later calls of the same shape reuse both (CUDA graphs need them to stay put)."""
-        cache = getattr(self, "_static_cache", None)
-        if cache is None or (len(cache.k[0]), cache.k[0].dtype, cache.slot.device) != (B, dtype, torch.device(device)):
-            cache = self._static_cache = KVCache.empty(self.config, B, self.config.block_size, device, dtype)
-            cache.slot = torch.zeros(1, dtype=torch.long, device=device)
+        that reads it, for later calls of the same shape and weights (a CUDA graph holds the addresses of both)."""
+        key = (B, dtype, torch.device(device), [(p.data_ptr(), p.dtype) for p in self.parameters()])
+        if getattr(self, "_static_key", None) != key:  # another shape, or the weights moved (model.to): anew
+            self._static_key, cache = key, KVCache.empty(self.config, B, self.config.block_size, device, dtype)
+            cache.slot, self._static_cache = torch.zeros(1, dtype=torch.long, device=device), cache
             for buffer in cache.k + cache.v if cache.slot.is_cuda else ():  # a CUDA graph writes them in place
                 torch._dynamo.mark_static_address(buffer)
             mode = "reduce-overhead" if cache.slot.is_cuda else None  # CUDA graphs: one launch a step
             self.compiled_hidden = torch.compile(self.hidden, mode=mode, dynamic=False)
-        torch._foreach_zero_(cache.k + cache.v)
-        return cache
+        torch._foreach_zero_(self._static_cache.k + self._static_cache.v)
+        return self._static_cache
 
     # ------------------------------------------------------------------------------------------- loading
 

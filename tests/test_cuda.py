@@ -78,6 +78,15 @@ def test_compiled_static_decoding_with_cuda_graphs_equals_eager():
         for _ in range(2):
             hook = RuleState(prompts, RuleSet(), "cuda")
             assert model.generate(prompts, 30, greedy=True, eos=None, hook=hook, compiled=True) == eager
+    # weights converted after a compiled call: seen on an H200 (torch 2.11) to end in an illegal memory access
+    # when the graph of the old weights was kept; the model now compiles anew for weights that moved
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    model.generate(prompts, 30, greedy=True, eos=None, compiled=True)
+    model.to(torch.bfloat16)
+    model.generate(prompts, 30, greedy=True, eos=None, compiled=True)
+    model.float()
+    assert model.generate(prompts, 30, greedy=True, eos=None, compiled=True) == \
+        model.generate(prompts, 30, greedy=True, eos=None)
 
 
 def test_fused_adamw_step_equals_the_default():

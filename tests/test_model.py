@@ -120,6 +120,13 @@ def test_compiled_static_decoding_gives_the_eager_tokens_and_logprobs(small_hf):
     others = [random_ids(1, n, seed=n + 100)[0].tolist() for n in (7, 2, 20, 9)]
     assert model.generate(others, 25, greedy=True, eos=None, compiled=True) == model.generate(others, 25, greedy=True, eos=None)
     assert model._static_cache.k[0].size(2) == model.config.block_size  # fixed shapes: the whole context
+    reused = model._static_cache
+    model._apply(lambda t: t.clone())  # the same weights at new addresses, as model.to(...) leaves them
+    assert model.generate(others, 25, greedy=True, eos=None, compiled=True) == model.generate(others, 25, greedy=True, eos=None)
+    assert model._static_cache is not reused  # a CUDA graph recorded over the old addresses would read freed memory
+    reused = model._static_cache
+    model.generate(others, 5, greedy=True, eos=None, compiled=True)
+    assert model._static_cache is reused  # same shape, same weights: the cache (and the graph) are kept
 
 
 def test_mixed_length_batch_equals_each_alone(small_hf):
