@@ -42,12 +42,13 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values for a whole generation: one (B, nh, T_max, hs) tensor per layer (small compiled writes)."""
+    """Keys and values for a whole generation: one (B, nh, T_max, hs) tensor per layer. A token's keys and values
+    sit in the slot of its position, so each row fills its own slots 0, 1, ... and no slot holds padding."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v
-        self.length = 0  # positions filled so far; GPT.hidden advances it after all layers have written
-        self.slot = None  # compiled decoding: a (1,) tensor, the one slot the next token writes (static shapes)
+        self.length = 0  # slots read by attention (reading a prompt: filled so far; GPT.hidden advances it)
+        self.slot = None  # decoding: (B,) the slot, i.e. the position, of each row's one new token
 
     @classmethod
     def empty(cls, config, batch_size, max_len, device, dtype):
@@ -55,16 +56,17 @@ class KVCache:
         # zeros, not empty: masked-out padding slots are never written, and 0 * NaN garbage would be NaN
         return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv"))
 
-    def row(self, b, start):
-        """A cache for sequence b alone whose position 0 is slot `start`: a view, so writes land in self."""
-        return KVCache([k[b:b + 1, :, start:] for k in self.k], [v[b:b + 1, :, start:] for v in self.v])
+    def row(self, b):
+        """A cache for sequence b alone: a view, so writes land in self."""
+        return KVCache([k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v])
 
     def update(self, layer, k, v):
-        # k, v: (B, nh, T, hs) for the new positions; returns all keys and values so far, (B, nh, length+T, hs);
-        # with a slot (compiled decoding): written at a tensor index, and every slot returned: fixed shapes
+        # k, v: (B, nh, T, hs) for the new positions; returns the keys and values of slots 0..length-1 (and the
+        # new ones), (B, nh, Tk, hs). Decoding writes one token a row, each at its row's own slot (a tensor index)
         if self.slot is not None:
-            self.k[layer][:, :, self.slot], self.v[layer][:, :, self.slot] = k, v
-            return self.k[layer], self.v[layer]
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[layer][rows, :, self.slot], self.v[layer][rows, :, self.slot] = k[:, :, 0], v[:, :, 0]
+            return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
         end = self.length + k.size(2)
         self.k[layer][:, :, self.length:end], self.v[layer][:, :, self.length:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -202,24 +204,22 @@ class GPT(nn.Module):
     def generate(self, prompts, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
                  hook=None, callback=None, eos=EOT, use_cache=True, generator=None, compiled=False):
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens. Returns one
-        list of new tokens per prompt, ending at `eos` (included) if produced; eos=None runs max_new_tokens.
+        list of new tokens per prompt, ending at `eos` (included) if produced; eos=None runs out the room.
         hook(logprobs, generated) -> bias: called every step with the next-token log-probabilities (B, 50257) and
         the tokens so far (B, n); the bias is added and the sum renormalized, a product of experts (section 5).
         callback(logprobs, tokens) sees each step's final log-probabilities and chosen tokens (streaming).
 
-        Prompts are left-padded to a common length P (left_pad), so new tokens are appended in one column; padding
-        is masked out of attention and positions count from each prompt's first real token, so a batch gives what
-        each prompt gives alone. With the cache, each prompt is first read alone (prefill); then all rows decode
-        together, one token a step (next_hidden); compiled: through torch.compile, in fixed shapes (static_cache)."""
+        A batch gives what each prompt gives alone: positions count from each prompt's first token, and each row
+        may run to the end of the context from its own length. With the cache, each prompt is first read alone
+        (prefill); then all rows decode together, one token a step, each at its own position (next_hidden);
+        compiled: through torch.compile, in fixed shapes (static_cache)."""
         idx, valid = self.left_pad(prompts)  # (B, P): the ids, and True where they are real (not padding)
-        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))  # learned positions end there
+        room = (self.config.block_size - valid.sum(1)).clamp(max=max_new_tokens)  # (B,): learned positions end there
         generated = idx.new_empty((len(prompts), 0))  # (B, n): the new tokens, one column per step
-        if use_cache:
-            cache, h = self.prefill(prompts, idx, max_new_tokens, static=compiled)
-        else:
-            cache, h = None, self.next_hidden(idx, valid, generated)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
+        slots = int((valid.sum(1) + room).max())  # the cache's length: the longest of a prompt and its room
+        cache, h = self.prefill(prompts, idx, slots, compiled) if use_cache else (None, self.next_hidden(idx, valid, generated))
+        done = room == 0
+        for step in range(int(room.max())):
             logprobs = self.vocab.full(F.log_softmax(self.lm_head(h).float(), dim=-1))  # (B, 50257)
             if hook is not None:
                 logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
@@ -228,12 +228,14 @@ class GPT(nn.Module):
             if callback is not None:
                 callback(logprobs, nxt)
             generated = torch.cat([generated, nxt[:, None]], dim=1)
+            done |= room == step + 1  # out of room: the context's end, or max_new_tokens
             if eos is not None:
                 done |= nxt == eos
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if bool(done.all()):
                 break
-            h = self.next_hidden(idx, valid, generated, cache)  # (B, C) at each row's newest token
-        return [row[:row.index(eos) + 1] if eos is not None and eos in row else row for row in generated.tolist()]
+            h = self.next_hidden(idx, valid, generated, cache, compiled)  # (B, C) at each row's newest token
+        rows = [row[:r] for row, r in zip(generated.tolist(), room.tolist())]
+        return [row[:row.index(eos) + 1] if eos is not None and eos in row else row for row in rows]
 
     def left_pad(self, prompts):
         """The prompts as one batch, right-aligned: idx (B, P), and valid (B, P), False on the padding in front
@@ -253,38 +255,36 @@ class GPT(nn.Module):
             idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         return idx, torch.arange(P, device=device)[None, :] >= (P - lengths)[:, None]
 
-    def prefill(self, prompts, idx, max_new_tokens, static=False):
-        """(cache, h): a KVCache with room for the whole generation (P + max_new_tokens slots a row; static:
-        static_cache) holding the prompts, each read alone into its right-aligned slots (no compute spent on
-        padding: those slots stay zero, masked out); h (B, C) is the hidden state at each prompt's last token."""
+    def prefill(self, prompts, idx, slots, static=False):
+        """(cache, h): a KVCache of `slots` a row (static: static_cache) holding the prompts, each read alone into
+        its row's first slots; h (B, C) is the hidden state at each prompt's last token."""
         B, P = idx.shape
         kind = idx.device.type  # the cache stores keys and values in the dtype the layers compute in
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.lm_head.weight.dtype
         cache = self.static_cache(B, idx.device, dtype) if static else \
-            KVCache.empty(self.config, B, P + max_new_tokens, idx.device, dtype)
-        h = torch.cat([self.hidden(idx[b:b + 1, P - len(p):], cache=cache.row(b, P - len(p)))[:, -1]
-                       for b, p in enumerate(prompts)])
-        cache.length = P  # each row's view counted its own length; the batch decodes on from slot P
+            KVCache.empty(self.config, B, slots, idx.device, dtype)
+        h = torch.cat([self.hidden(idx[b:b + 1, P - len(p):], cache=cache.row(b))[:, -1] for b, p in enumerate(prompts)])
         return cache, h
 
-    def next_hidden(self, idx, valid, generated, cache=None):
+    def next_hidden(self, idx, valid, generated, cache=None, compiled=False):
         """(B, C): the hidden state at each row's newest token, once `generated` (B, n) follows the left-padded
         prompts idx. With the cache (which holds all but the newest token) only that token is read; without,
-        the whole sequence is read again. Positions count from each prompt's first real token."""
-        keys = torch.cat([valid, torch.ones_like(generated, dtype=torch.bool)], dim=1)  # (B, P + n): real keys
-        padded = not bool(valid.all())  # without padding, no mask: plain causal attention (the fast kernels)
+        the whole sequence is read again. Positions count from each prompt's first real token; a row that ran
+        out of room is done, and its position stays at the last one (its tokens are cut off)."""
+        last, padded = self.config.block_size - 1, not bool(valid.all())
         if cache is not None:
-            mask = keys[:, None, None, :] if padded else None  # one query a row sees every real key: (B, 1, 1, P + n)
-            pos = (valid.sum(1) + generated.size(1) - 1)[:, None]  # (B, 1): the prompt's length + n - 1
-            if cache.slot is None:
-                return self.hidden(generated[:, -1:], pos, cache, mask)[:, -1]
-            cache.slot.fill_(keys.size(1) - 1)  # compiled: the newest token's slot, P + n - 1; every slot is a
-            keys = F.pad(keys, (0, cache.k[0].size(2) - keys.size(1)))  # key, the unwritten ones masked out: (B, T_max)
+            pos = (valid.sum(1) + generated.size(1) - 1).clamp(max=last)  # (B,): the newest token's, its slot
+            slots = cache.k[0].size(2)  # compiled: every slot is read (fixed shapes); else those filled so far
+            cache.slot, cache.length = pos, slots if compiled else min(idx.size(1) + generated.size(1), slots)
+            mask = (torch.arange(cache.length, device=pos.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
+            if not compiled:  # one query that may see every key (no padding) needs no mask: the fast kernels
+                return self.hidden(generated[:, -1:], pos[:, None], cache, mask if padded else None)[:, -1]
             newest = generated[:, -1:].clone(memory_format=torch.contiguous_format)  # fixed strides: one graph
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are spent
-            return self.compiled_hidden(newest, pos, cache, keys[:, None, None, :])[:, -1]
-        pos, mask = (keys.cumsum(1) - 1).clamp(min=0), None  # (B, P + n)
-        if padded:  # (B, 1, T, T): real keys up to yourself; a padding query sees itself, so no row is empty (NaN)
+            return self.compiled_hidden(newest, pos[:, None], cache, mask)[:, -1]
+        keys = torch.cat([valid, torch.ones_like(generated, dtype=torch.bool)], dim=1)  # (B, P + n): real keys
+        pos, mask = (keys.cumsum(1) - 1).clamp(0, last), None  # (B, P + n)
+        if padded:  # (B, 1, T, T): real keys up to yourself; a padding query sees itself (no NaN)
             i = torch.arange(keys.size(1), device=keys.device)
             mask = (keys[:, None, None, :] & (i[None, :] <= i[:, None])) | torch.eye(len(i), dtype=torch.bool, device=keys.device)
         return self.hidden(torch.cat([idx, generated], dim=1), pos, None, mask)[:, -1]
@@ -295,10 +295,10 @@ class GPT(nn.Module):
         key = (B, dtype, torch.device(device), [(p.data_ptr(), p.dtype) for p in self.parameters()])
         if getattr(self, "_static_key", None) != key:  # another shape, or the weights moved (model.to): anew
             self._static_key, cache = key, KVCache.empty(self.config, B, self.config.block_size, device, dtype)
-            cache.slot, self._static_cache = torch.zeros(1, dtype=torch.long, device=device), cache
-            for buffer in cache.k + cache.v if cache.slot.is_cuda else ():  # a CUDA graph writes them in place
+            self._static_cache, cuda = cache, torch.device(device).type == "cuda"
+            for buffer in cache.k + cache.v if cuda else ():  # a CUDA graph writes them in place
                 torch._dynamo.mark_static_address(buffer)
-            mode = "reduce-overhead" if cache.slot.is_cuda else None  # CUDA graphs: one launch a step
+            mode = "reduce-overhead" if cuda else None  # CUDA graphs: one launch a step
             self.compiled_hidden = torch.compile(self.hidden, mode=mode, dynamic=False)
         torch._foreach_zero_(self._static_cache.k + self._static_cache.v)
         return self._static_cache

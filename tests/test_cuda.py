@@ -73,11 +73,13 @@ def test_compiled_static_decoding_with_cuda_graphs_equals_eager():
     with mixed prompt lengths and the rules hook, on a second call of the same shape (the graph replayed over a
     re-zeroed cache) and on another batch size (a new graph)."""
     _, model = model_pair(seed=4, spread=True)
-    for prompts in ([[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]], [[17, 18, 19], [20, 21]], [[22, 23]]):
-        eager = model.generate(prompts, 30, greedy=True, eos=None, hook=RuleState(prompts, RuleSet(), "cuda"))
+    near_the_end = [list(range(100, 330)), [5, 6], list(range(400, 500))]  # rooms of 26, 254 and 156 tokens
+    for prompts, n in (([[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]], 30), ([[17, 18, 19], [20, 21]], 30),
+                       ([[22, 23]], 30), (near_the_end, 256)):
+        eager = model.generate(prompts, n, greedy=True, eos=None, hook=RuleState(prompts, RuleSet(), "cuda"))
         for _ in range(2):
             hook = RuleState(prompts, RuleSet(), "cuda")
-            assert model.generate(prompts, 30, greedy=True, eos=None, hook=hook, compiled=True) == eager
+            assert model.generate(prompts, n, greedy=True, eos=None, hook=hook, compiled=True) == eager
     # weights converted after a compiled call: seen on an H200 (torch 2.11) to end in an illegal memory access
     # when the graph of the old weights was kept; the model now compiles anew for weights that moved
     prompts = [[5, 6, 7, 8], [9, 10]]

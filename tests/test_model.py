@@ -1,8 +1,11 @@
 """model.py against HF transformers' GPT2LMHeadModel: same logits, same greedy tokens, same masked loss."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_hub_layout
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 from model import GPT, EOT
@@ -120,6 +123,9 @@ def test_compiled_static_decoding_gives_the_eager_tokens_and_logprobs(small_hf):
     others = [random_ids(1, n, seed=n + 100)[0].tolist() for n in (7, 2, 20, 9)]
     assert model.generate(others, 25, greedy=True, eos=None, compiled=True) == model.generate(others, 25, greedy=True, eos=None)
     assert model._static_cache.k[0].size(2) == model.config.block_size  # fixed shapes: the whole context
+    near_the_end = [random_ids(1, n, seed=n)[0].tolist() for n in (120, 2, 64)]  # rooms of 8, 126 and 64 tokens
+    eager = [model.generate([p], 128, greedy=True, eos=None)[0] for p in near_the_end]
+    assert model.generate(near_the_end, 128, greedy=True, eos=None, compiled=True) == eager
     reused = model._static_cache
     model._apply(lambda t: t.clone())  # the same weights at new addresses, as model.to(...) leaves them
     assert model.generate(others, 25, greedy=True, eos=None, compiled=True) == model.generate(others, 25, greedy=True, eos=None)
@@ -136,6 +142,25 @@ def test_mixed_length_batch_equals_each_alone(small_hf):
     alone = [model.generate([p], 25, greedy=True, eos=None)[0] for p in prompts]
     assert batch == alone
     assert model.generate(prompts, 25, greedy=True, eos=None, use_cache=False) == alone
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 127), min_size=2, max_size=4), max_new=st.integers(1, 140), seed=st.integers(0, 99))
+def test_a_batch_gives_each_prompt_its_own_room_to_the_end_of_the_context(small_hf, lengths, max_new, seed):
+    """Each row may run until the context ends from its own length (block_size - len, or max_new_tokens if fewer),
+    not the longest prompt's: a batch gives what each prompt gives alone, with and without the cache, however
+    the lengths mix. (The context is 128 tokens here, so most draws reach its end.)"""
+    model = loaded(small_hf[1])
+    prompts = [random_ids(1, n, seed=seed + n)[0].tolist() for n in lengths]
+    alone = [model.generate([p], max_new, greedy=True, eos=None)[0] for p in prompts]
+    assert [len(a) for a in alone] == [min(max_new, 128 - n) for n in lengths]
+    assert model.generate(prompts, max_new, greedy=True, eos=None) == alone
+    assert model.generate(prompts, max_new, greedy=True, eos=None, use_cache=False) == alone
+
+
+@functools.cache
+def loaded(path):
+    return GPT.from_pretrained(path).eval()
 
 
 def test_padded_batch_logprobs_equal_alone(small_hf):
