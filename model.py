@@ -53,7 +53,7 @@ class KVCache:
     @classmethod
     def empty(cls, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # one layer's
-        # zeros, not empty: masked-out padding slots are never written, and 0 * NaN garbage would be NaN
+        # zeros, not empty: slots a row has not reached are read under a mask, and 0 * NaN garbage would be NaN
         return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv"))
 
     def row(self, b):
