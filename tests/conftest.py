@@ -74,14 +74,15 @@ class FakeHub:
     the hub's CDN answers. Knobs: `cut` (path -> bytes after which the next answer breaks off), `corrupt` (paths
     whose served bytes differ from the advertised sha256), `token` (required bearer token), `page`, `portal`
     (answer every request with HTTP 200 and an HTML login page, as a captive portal does; `portal_type` is its
-    Content-Type, None for none, to make the client recognise the page by its first bytes)."""
+    Content-Type, None for none, to make the client recognise the page by its first bytes), `no_length` (paths
+    served without Content-Length: the body ends where the connection closes, as HTTP/1.0 allows)."""
 
     PORTAL_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in to CoffeeShop WiFi</title></head>\n" \
                   b"<body><form action=/login><input name=room></form></body></html>\n"
 
     def __init__(self):
         self.files, self.lfs, self.requests = {}, {}, []
-        self.cut, self.corrupt, self.token, self.page = {}, set(), None, 1000
+        self.cut, self.corrupt, self.token, self.page, self.no_length = {}, set(), None, 1000, set()
         self.portal, self.portal_type = False, "text/html; charset=utf-8"
         hub = self
 
@@ -122,7 +123,8 @@ class FakeHub:
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
                 self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
+                if path not in hub.no_length:
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
                 self.end_headers()
                 cut = hub.cut.pop(path, None)
@@ -184,3 +186,102 @@ def fake_hub(monkeypatch, tmp_path):
     yield hub
     hub.server.shutdown()
     hub.server.server_close()
+
+
+# ------------------------------------------------------------------------------------- numeric comparisons
+# Kernels differ from CPU to CPU (MKL and oneDNN pick them by instruction set: AVX2, AVX-512, AMX), and a padded
+# batch, a cache or another library runs other kernels than the reference. So two computations of the same value
+# agree to a few units in the last place of their dtype *at the magnitude of the computation*, never to a fixed
+# number of decimals: float32 spaces values near 23 by 1.9e-6, so atol=1e-5 there is 5 ulps, which one CPU meets
+# and another does not (tests/test_model.py once failed so on an Intel Xeon).
+
+def assert_close(actual, expected, ulps=64, scale=None, msg=None):
+    """`actual` equals `expected` to within `ulps` units of their dtype's resolution at the computation's
+    magnitude: each element within ulps * eps * scale, where scale is the largest |expected| (or `scale`, when the
+    values are differences of larger terms). A matrix product, a softmax normalizer or a mean errs in proportion
+    to its largest terms, so an element near 0 errs as much as its large neighbours; a relative bound alone would
+    ask it for digits its inputs never had. A real bug moves values by far more than this (tests check that)."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    dtype = expected.dtype if expected.is_floating_point() else torch.float32
+    if actual.is_floating_point() and torch.finfo(actual.dtype).eps > torch.finfo(dtype).eps:
+        dtype = actual.dtype  # the coarser of the two sets the resolution
+    finite = expected[torch.isfinite(expected)]
+    if scale is None:
+        scale = finite.abs().max().item() if finite.numel() else 0.0
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(actual, expected, rtol=ulps * eps, atol=ulps * eps * scale, check_dtype=False,
+                               msg=msg)
+
+
+def assert_same_greedy(got, want, prompt, scores, ulps=64):
+    """Greedy continuations of `prompt` agree, but for a near-tie: where they first differ, the two tokens' scores
+    at that step (scores(prompt, generated) -> (V,), the next-token scores after `generated`, computed from scratch
+    on `want`'s prefix) must be within `ulps` of each other at the scores' magnitude: a choice that rounding in another
+    kernel may flip. After it the two continue from different prefixes and cannot be compared. A real difference
+    (a wrong cache, mask or bias) moves the scores by far more, so the check fails on it; with no tie on the way,
+    this is plain equality (as it is for every fixed input these tests use on the CPUs measured so far)."""
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if k is None:
+        assert len(got) == len(want), (got, want)
+        return
+    s = scores(list(prompt), list(want[:k]))
+    eps = torch.finfo(s.dtype).eps  # float32's, or bfloat16's for a model in bf16 weights
+    s = s.float()
+    tol = ulps * eps * s[torch.isfinite(s)].abs().max().item()
+    gap = (s[want[k]] - s[got[k]]).item()
+    assert abs(gap) <= tol, (f"step {k}: {got[k]} instead of {want[k]}, {gap:.3g} apart (a near-tie would be "
+                             f"within {tol:.2g})", got, want)
+
+
+def assert_same_generations(got, want, prompts, scores, ulps=64):
+    """assert_same_greedy for each row of a batch: got[b] and want[b] continue prompts[b]."""
+    assert len(got) == len(want) == len(prompts)
+    for g, w, p in zip(got, want, prompts):
+        assert_same_greedy(g, w, p, scores, ulps)
+
+
+def last_logits(model, rule_set=None):
+    """scores(prompt, generated) for assert_same_greedy: the model's next-token logits after prompt + generated, in
+    one uncached pass; with a rule set, the log-probs of the product of experts the sampler picks from."""
+    import torch.nn.functional as F
+    from rules import rule_bias
+
+    def scores(prompt, generated):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + generated], device=model.lm_head.weight.device))[0][0, -1].cpu()
+        if rule_set is None:
+            return logits
+        return F.log_softmax(logits.float(), -1) + rule_bias(prompt + generated, len(prompt), rule_set)
+    return scores
+
+
+def agreeing_steps(got, want):
+    """How many steps every row of two batches of generations agrees for: the steps whose per-step values can be
+    compared (after a near-tie, assert_same_greedy's exception, a row continues from another prefix)."""
+    firsts = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w))) for g, w in zip(got, want)]
+    return min(firsts, default=0)
+
+
+def assert_losses_close(got, want, ulps=64):
+    """Two runs' losses from log.jsonl: float32 computations (ulps at the losses' magnitude, as assert_close),
+    written to 6 decimals (so 1e-6 more: two equal losses may round apart)."""
+    assert len(got) == len(want), (len(got), len(want))
+    tol = ulps * torch.finfo(torch.float32).eps * max(abs(v) for v in want) + 1e-6
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    assert worst <= tol, (f"losses differ by up to {worst:.3g} (allowed {tol:.2g})", got, want)
+
+
+def assert_clear_margins(model, prompt, tokens, ulps=1024):
+    """The premise of a token-exact check: at every step of the greedy continuation `tokens` of `prompt`, the top
+    token beats the runner-up by more than `ulps` of float32 at the logits' magnitude, hundreds of times what
+    another CPU's kernels move a logit (tens of ulps), so every machine picks the same tokens. For fixed inputs
+    only: it holds here, hence everywhere; the first step that fails names an input to replace."""
+    if not tokens:
+        return
+    with torch.no_grad():
+        ids = torch.tensor([prompt + tokens[:-1]], device=model.lm_head.weight.device)
+        logits = model(ids)[0][0, len(prompt) - 1:].float().cpu()  # (n, V): the logits each token was chosen from
+    top2 = logits.topk(2, dim=-1).values
+    margins = top2[:, 0] - top2[:, 1]
+    tol = ulps * torch.finfo(torch.float32).eps * logits.abs().max().item()
+    assert margins.min().item() > tol, f"step {int(margins.argmin())} of {tokens} is a near-tie ({margins.min():.3g})"

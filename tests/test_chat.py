@@ -1,6 +1,7 @@
 """The chat format and its loss mask (chat.py)."""
 import pytest
 import torch
+from conftest import assert_close
 from hypothesis import given, settings, strategies as st
 
 from chat import EOT, decode, encode, encode_chat, encode_prompt, targets_from_mask, tokenizer
@@ -76,7 +77,7 @@ def test_mask_gives_hf_masked_loss(small_hf):
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])  # HF shifts labels itself
     with torch.no_grad():
         ref = hf(idx, labels=labels).loss
-    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    assert_close(loss, ref)
 
 
 text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)

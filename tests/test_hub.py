@@ -1,7 +1,7 @@
 """Downloads against a real HTTP server on 127.0.0.1 that answers like the Hugging Face hub (conftest.FakeHub)."""
 import pytest
 import torch
-from conftest import write_hub_layout
+from conftest import assert_close, write_hub_layout
 
 import hub
 from model import GPT
@@ -24,7 +24,7 @@ def test_from_pretrained_downloads_then_uses_cache(served_gpt2, tmp_path):
     model = GPT.from_pretrained("gpt2").eval()
     idx = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+        assert_close(model(idx)[0], hf(idx).logits)
     cached = tmp_path / "cache" / "ifwit" / "hub" / "models" / "openai-community" / "gpt2" / "model.safetensors"
     assert cached.is_file() and not cached.with_name("model.safetensors.part").exists()
     assert len(fake_hub.gets("model.safetensors")) == 1 and len(fake_hub.gets("config.json")) == 1
