@@ -204,16 +204,31 @@ def jsonl_kind(path):
         else "messages"
 
 
-def read_documents(path):
-    """Plain-text documents from a JSONL file, one {"text": ...} per line: pretraining data (TinyWorld's)."""
+def scan_documents(path):
+    """(documents, errors) of a pretraining JSONL file, as scan_conversations: every line checked, one error each."""
     path, data = read_bytes(path)
-    documents = []
-    for where, row in json_lines(path, data):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{where}: missing string field 'text'")
-        documents.append(row["text"])
-    if not documents:
-        raise ValueError(f"{path}: empty file, no documents")
+    documents, errors = [], []
+    for where, line in numbered_lines(path, data):
+        try:
+            row = json_line(where, line)
+            if row is BLANK:
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{where}: missing string field 'text'")
+            documents.append(row["text"])
+        except ValueError as e:
+            errors.append(str(e))
+    if not documents and not errors:
+        errors.append(f"{path}: empty file, no documents")
+    return documents, errors
+
+
+def read_documents(path):
+    """Plain-text documents from a JSONL file, one {"text": ...} per line: pretraining data (TinyWorld's). The first
+    malformed line is raised (`python chat.py FILE` lists them all)."""
+    documents, errors = scan_documents(path)
+    if errors:
+        raise ValueError(errors[0])
     return documents
 
 
@@ -342,6 +357,8 @@ def prepare_command(main, doc, default_dir):
         sys.exit(print(f"{doc.strip()}\n\n    --out_dir=DIR    where to write the files (default: {default_dir})"))
     if len(argv) > 1 or (argv and not argv[0].startswith("--out_dir=")):
         sys.exit(f"error: unknown argument {argv[-1]!r} (the one flag is --out_dir=DIR; see --help)")
+    if argv and not argv[0].removeprefix("--out_dir=").strip():  # Path("") is the current directory
+        sys.exit("error: --out_dir is empty; name a directory, e.g. --out_dir=.")
     try:
         main(Path(argv[0].removeprefix("--out_dir=")) if argv else Path(default_dir))
     except (ValueError, OSError, KeyError) as e:  # KeyError: a file without a field it must have
@@ -389,15 +406,33 @@ MAX_SHOWN = 20  # malformed lines listed by check_file; a file broken on every l
 
 def check_file(path):
     """`python chat.py FILE.jsonl`: every malformed line on stderr, one line each (the first MAX_SHOWN, then a
-    count), and exit status 1; or, for a good file, its statistics (describe)."""
+    count), and exit status 1; or, for a good file, its statistics (describe). A file of documents ({"text"},
+    pretraining data) is checked as one, as train.py tells the two kinds apart (jsonl_kind)."""
+    try:
+        kind = jsonl_kind(path)
+    except ValueError:  # a malformed first line: listed below with the rest, as conversations
+        kind = "messages"
+    if kind == "text":
+        documents, errors = scan_documents(path)
+        report(path, errors)
+        lengths = sorted(len(encode(d)) + 1 for d in tqdm(documents, desc=f"tokenizing {path}", leave=False))
+        print(f"{path}: {len(lengths)} documents to pretrain on; tokens with <|endoftext|>: median "
+              f"{lengths[len(lengths) // 2]}, mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}, total "
+              f"{sum(lengths):,}")
+        return
     conversations, errors = scan_conversations(path)
+    report(path, errors)
+    describe(str(path), conversations)
+
+
+def report(path, errors):
+    """The malformed lines of a file on stderr (the first MAX_SHOWN, then a count), and exit status 1 if any."""
     for error in errors[:MAX_SHOWN]:
         print(f"error: {error}", file=sys.stderr)
     if len(errors) > MAX_SHOWN:
         print(f"error: ... and {len(errors) - MAX_SHOWN} more malformed lines in {path}", file=sys.stderr)
     if errors:
         sys.exit(1)
-    describe(str(path), conversations)
 
 
 def main(argv):

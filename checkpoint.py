@@ -38,6 +38,11 @@ def read_pretrained(name_or_path):
         repo = HUB_MODELS[str(name_or_path)]
         path = hub.cached_download(repo, "config.json").parent
         hub.cached_download(repo, "model.safetensors")
+        try:
+            return read_pretrained(path)
+        except ValueError as e:  # a cached file that does not parse (cached by an older version, or changed)
+            raise ValueError(f"{e}; it is a cached download: delete {path} and run again to download it "
+                             f"afresh") from None
     if path.is_dir():
         config = config_from_hf_json(path / "config.json")
         tensors, _ = load_safetensors(path / "model.safetensors")
@@ -199,7 +204,9 @@ def config_from_hf_json(path):
 
 def check_sizes(path, config, names):
     """`config` (GPTConfig's fields) if a GPT can be built from it, else a one-line ValueError: every size must be
-    positive and the heads must split n_embd evenly. `names` says what each size in SIZES is called in the file."""
+    positive and the heads must split n_embd evenly. `names` says what each size in SIZES is called in the file.
+    A model with fewer rows than GPT-2 and no token_ids (a cut-down export) knows the ids 0 .. vocab_size - 1:
+    said so as token_ids, so that an id past its rows is refused by name instead of indexing past wte."""
     sizes = {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
              "n_positions": config["block_size"], "vocab_size": config["vocab_size"]}
     for key, value in sizes.items():
@@ -211,6 +218,8 @@ def check_sizes(path, config, names):
     if config["token_ids"] is not None and len(config["token_ids"]) != config["vocab_size"]:
         raise ValueError(f"{path}: token_ids has {len(config['token_ids'])} ids for vocab_size "
                          f"{config['vocab_size']} (one per row of wte)")
+    if config["token_ids"] is None and config["vocab_size"] < VOCAB:
+        config["token_ids"] = tuple(range(config["vocab_size"]))
     return config
 
 
@@ -275,47 +284,93 @@ def load_hf_state_dict(model, tensors, path):
 # ------------------------------------------------------------------------------- a train.py run directory
 
 RUN_FILES = ("ckpt.pt", "progress.json", "log.jsonl", "config.json", "model.safetensors", "loss.png")
+MARKS = ("ckpt.pt", "progress.json", "model.safetensors")  # a directory with any of these holds a run (or a model)
+REPLACED = ".replaced"  # an --overwrite run's predecessor waits here until the new run's first checkpoint
 
 
 def progress(out_dir):
-    """{"step", "max_iters", "finished", "init_from", "data"} of the run in out_dir (progress.json, written with
-    every checkpoint), or None if out_dir holds no run of train.py. A run is finished when its last step is its
-    max_iters; init_from is the model it started from (kept through resumes)."""
+    """{"step", "max_iters", "finished", "init_from", "data", "settings"} of the run in out_dir (progress.json,
+    written with every checkpoint), or None if out_dir holds no run of train.py. A run is finished when its last
+    step is its max_iters; init_from is the model it started from (kept through resumes); settings are the flags
+    that define what it learned (train.py --print_config prints them; {} in runs from before they were kept)."""
     path = Path(out_dir) / "progress.json"
     if not path.is_file():
         return None
     try:
         state = json.loads(path.read_text())
         return {"step": int(state["step"]), "max_iters": int(state["max_iters"]), "finished": bool(state["finished"]),
-                "init_from": str(state.get("init_from", "")), "data": str(state.get("data", ""))}
+                "init_from": str(state.get("init_from", "")), "data": str(state.get("data", "")),
+                "settings": dict(state.get("settings", {}))}
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path}: not a progress file of train.py (delete it, or the run)") from None
 
 
 def holds_run(out_dir):
-    return any((Path(out_dir) / name).exists() for name in ("ckpt.pt", "progress.json", "log.jsonl"))
+    return any((Path(out_dir) / name).exists() for name in MARKS)
 
 
-def save_run(out_dir, model, state, finished):
-    """Write a checkpoint: ckpt.pt (to resume), the HF export (config.json + model.safetensors) and progress.json,
-    all from the same step. Everything is written into out_dir/.saving first; only when all of it is on disk
-    are the files moved in, ckpt.pt first, so a full disk or a kill leaves the previous step's files whole and
-    never a newer export beside an older ckpt.pt."""
+def save_run(out_dir, model, state, marks):
+    """Write a checkpoint: ckpt.pt (to resume), the HF export (config.json + model.safetensors) and progress.json
+    (`marks`, see progress()), all from the same step. Everything is written into out_dir/.saving first; only when
+    all of it is on disk are the files moved in, progress.json last, so a full disk or a kill leaves the previous
+    step's files whole, and progress.json never speaks for files older than itself (a resume repairs the rest).
+    The first checkpoint of an --overwrite run lets the run it replaced go (set_aside)."""
     out_dir, staging = Path(out_dir), Path(out_dir) / ".saving"
     try:
         staging.mkdir(exist_ok=True)
         model.save_pretrained(staging)
         save_checkpoint(state, staging / "ckpt.pt")
-        chat.write_atomic(staging / "progress.json", json.dumps(
-            {"step": state["step"], "max_iters": state["max_iters"], "finished": finished,
-             "init_from": state["origin"], "data": state["config"]["data"]}))
-    except OSError as e:
+        chat.write_atomic(staging / "progress.json", json.dumps(marks))
+    except Exception as e:  # OSError, or torch.save's RuntimeError ("file write failed") on a full disk
         shutil.rmtree(staging, ignore_errors=True)
-        raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({e.strerror or e}); "
-                      f"the previous checkpoint is intact") from None
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+        raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({why}); "
+                      f"nothing of it was kept, and the files already there are intact") from None
     for name in ("ckpt.pt", "config.json", "model.safetensors", "progress.json"):
         os.replace(staging / name, out_dir / name)
     staging.rmdir()
+    shutil.rmtree(out_dir / REPLACED, ignore_errors=True)
+
+
+def set_aside(out_dir):
+    """--overwrite, once the new run has checked its flags, data and model: move the old run's files into
+    out_dir/.replaced. The new run's first checkpoint deletes them (save_run); if it fails before one, put_back
+    returns them, so a mistake never costs the run that was there. They gather in .replacing, renamed .replaced in
+    one step once all are there: from then on every run file in out_dir is the new run's."""
+    out_dir = Path(out_dir)
+    moving = out_dir / ".replacing"
+    moving.mkdir(exist_ok=True)
+    for name in RUN_FILES:
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, moving / name)
+    os.replace(moving, out_dir / REPLACED)
+
+
+def put_back(out_dir):
+    """The new run ended before its first checkpoint: delete what it wrote and return the run it was to replace."""
+    out_dir = Path(out_dir)
+    moving, aside = out_dir / ".replacing", out_dir / REPLACED
+    if moving.is_dir():  # stopped while setting aside: every file is the old run's, part of them not yet moved
+        for path in moving.iterdir():
+            os.replace(path, out_dir / path.name)
+        moving.rmdir()
+    if aside.is_dir():
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)  # the new run's (its log.jsonl)
+            if (aside / name).exists():
+                os.replace(aside / name, out_dir / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(out_dir / ".saving", ignore_errors=True)
+
+
+def settle(out_dir):
+    """Finish what a killed --overwrite run left undone: its predecessor still set aside, with (delete it) or
+    without (put it back) a checkpoint of the new run in out_dir. Called under the lock, before anything reads
+    out_dir."""
+    out_dir = Path(out_dir)
+    if (out_dir / REPLACED).is_dir() and (out_dir / "ckpt.pt").exists():
+        shutil.rmtree(out_dir / REPLACED, ignore_errors=True)
+    put_back(out_dir)
 
 
 def save_checkpoint(state, path):
@@ -325,18 +380,39 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, weights=True):
     """ckpt.pt of a run, loaded without pickle's code execution (weights_only); a file that is not one of
-    train.py's checkpoints (truncated, random bytes, another program's) is one line."""
+    train.py's checkpoints (truncated, random bytes, another program's) is one line. The tensors are mapped from
+    the file, not read, until used; weights=False skips the check that they are finite (which reads them)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated, random or foreign file: the unpickler can fail in any way on bad bytes
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ValueError(f"{path}: not a readable checkpoint of train.py ({first})") from None
     keys = {"model", "model_config", "optimizer", "scaler", "config", "step", "log", "rng"}
     if not isinstance(ckpt, dict) or not keys <= set(ckpt):
         raise ValueError(f"{path}: not a checkpoint of train.py (missing {sorted(keys - set(ckpt or {}))[:3]})")
-    bad = [k for k, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k, t in ckpt["model"].items() if weights and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path}: tensor '{bad[0]}' holds NaN or Inf; resume from an earlier run instead")
     return ckpt
+
+
+def unfinished(out_dir):
+    """Why the train.py run in out_dir is not a finished model (a one-line reason with what to do), or None if it
+    is one, or out_dir holds no run. Its ckpt.pt knows the step it reached and the run's max_iters; progress.json
+    must agree with it, or the run was stopped while it saved."""
+    out_dir = Path(out_dir)
+    state, path = progress(out_dir), out_dir / "ckpt.pt"
+    resume = f"python train.py --init_from=resume --out_dir={out_dir}"
+    if not path.is_file():
+        return None if state is None or state["finished"] else \
+            f"{out_dir} is an unfinished run (step {state['step']} of {state['max_iters']}) and has no ckpt.pt to " \
+            f"finish it from"
+    ckpt = load_checkpoint(path, weights=False)
+    step, max_iters = ckpt["step"], ckpt.get("max_iters", ckpt["step"])
+    if step < max_iters:
+        return f"{out_dir} is an unfinished run (step {step} of {max_iters}); finish it with: {resume}"
+    if state is None or (state["step"], state["max_iters"], state["finished"]) != (step, max_iters, True):
+        return f"{out_dir}: its progress.json does not match its ckpt.pt (stopped while saving?); repair it with: {resume}"
+    return None

@@ -1,9 +1,13 @@
 """
 The command line and the machine, shared by the scripts (train.py, sample.py, evaluate.py): flags from a TOML file
-and --key=value, the device and precision to run in, and matplotlib when it is installed.
+and --key=value, each numeric flag's range, the signals that stop a script, outputs that must not be inputs, the
+device and precision to run in, and matplotlib when it is installed.
 """
+import os
+import signal
 import sys
 import tomllib
+from pathlib import Path
 
 import torch
 
@@ -14,6 +18,7 @@ DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and 
     "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for tiny models on a busy "
                    "machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s with 2 while the other core is busy)"),
 }
+DEVICE_RANGES = {"threads": "[0, inf)"}
 
 
 def parse_flags(defaults, argv, doc):
@@ -42,6 +47,65 @@ def parse_flags(defaults, argv, doc):
     return config
 
 
+def given_keys(argv):
+    """The flags this command line sets, by a TOML file or a --key=value flag (parse_flags has checked them all)."""
+    keys = set()
+    for arg in argv:
+        if arg.endswith(".toml") and not arg.startswith("--"):
+            keys |= set(read_toml(arg))
+        elif arg.startswith("--"):
+            keys.add(arg.removeprefix("--").partition("=")[0])
+    return keys
+
+
+def check_ranges(config, ranges):
+    """Every numeric flag in its interval, or a one-line ValueError naming it. `ranges` maps a flag to an interval
+    written as in mathematics: "[0, 1)" holds 0 and not 1, "(0, inf)" every positive number. NaN lies in no
+    interval and an infinity only in one closed at it, so one check also refuses what is not a finite number."""
+    for key, interval in ranges.items():
+        value = config[key]
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            raise ValueError(f"--{key}={value}: expected {in_words(interval, low, high)}")
+
+
+def in_words(interval, low, high):
+    """An interval in words, for an error message: "1 or more", "more than 0", "a number in [0, 1)"."""
+    if (low, high) == (float("-inf"), float("inf")):
+        return "a finite number"
+    if high == float("inf"):
+        low = int(low) if low.is_integer() else low
+        return f"{low} or more" if interval[0] == "[" else f"more than {low}"
+    return f"a number in {interval}"
+
+
+def refuse_overwriting(outputs, inputs):
+    """One line if an output file (flag -> path) is an input file (flag -> path), the same file by inode, so that
+    another spelling, a link or a relative path cannot overwrite what a run reads."""
+    for out_flag, out in outputs.items():
+        for in_flag, source in inputs.items():
+            if source and Path(out).exists() and Path(source).exists() and os.path.samefile(out, source):
+                raise ValueError(f"{out_flag}={out} is the input {in_flag}={source}: writing it would destroy the "
+                                 f"input; choose another {out_flag}")
+
+
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM: stop and say what was kept. `code` is the exit status a shell expects, 128 + the
+    signal. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def on_sigterm(signum, frame):
+    """The SIGTERM handler of sample.py and evaluate.py: raise Stopped where the script is, so that its own code
+    keeps what it has and stops its children, as on Ctrl-C."""
+    raise Stopped(128 + signal.SIGTERM, "terminated")
+
+
 def read_toml(path):
     try:
         with open(path, "rb") as f:
@@ -67,8 +131,6 @@ def convert(where, value, kind):
 
 def use_threads(n):
     """--threads: how many CPU threads PyTorch's operations use (0: leave PyTorch's default)."""
-    if n < 0:
-        raise ValueError(f"--threads={n}: expected 0 (the default) or more")
     if n:
         torch.set_num_threads(n)
 

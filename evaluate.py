@@ -32,9 +32,11 @@ rule models, and the instruction-, response- and poem-tuned models (finetuned no
 the world's test (or dev) set: correct % on the held-out and finetuned families, stop %, ranking %; mean ± sd
 over seeds in out/tinyworld/results.{md,json,png}, every model's answers in out/tinyworld/seed<N>/.
 """
+import hashlib
 import json
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,8 +48,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
-from checkpoint import progress
-from cli import DEVICE_FLAGS, autocast, for_inference, parse_flags, pick_device, pick_dtype, pyplot, read_toml, use_threads
+from checkpoint import progress, unfinished
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, autocast, check_ranges, for_inference, on_sigterm, parse_flags,
+                 pick_device, pick_dtype, pyplot, read_toml, refuse_overwriting, use_threads)
 from model import EOT, GPT, varying_lengths
 from rules import NO_RULES, RuleState, parse_rules, product_of_experts, respond
 
@@ -86,6 +89,8 @@ DEFAULTS = {
                      "'3e-5 1e-4 3e-4 1e-3' (lr_sweep.png)"),
     **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
+RANGES = {"max_new_tokens": "[1, inf)", "batch_size": "[1, inf)", "negatives": "[1, inf)", "seed": "[0, 1e18]",
+          **DEVICE_RANGES}
 NO_EOS_LIMIT = 512  # official README: the models without the EOS rule generate at most 512 new tokens
 # The paper's numbers (Llama-2-7B, Tables 1-2): AlpacaEval win rate against the instruction-tuned model, and
 # response ranking (on Stanford Alpaca). Ours are other measurements of the same models, shown beside them.
@@ -266,51 +271,85 @@ def rule_models(base, limit):
 
 
 def run_train(args, config):
-    """python train.py ARGS in a process of its own (a script does not import another); fails loudly."""
+    """python train.py ARGS in a process of its own (a script does not import another); fails loudly. Ctrl-C or
+    SIGTERM here is passed on: train.py finishes its step, checkpoints and exits, and we wait for it (a second
+    Ctrl-C stops it at once), so a stopped comparison can be resumed where its training stopped."""
     command = [sys.executable, str(ROOT / "train.py"), *args, f"--device={config['device']}", f"--threads={config['threads']}"]
-    if subprocess.run(command).returncode != 0:
+    child = subprocess.Popen(command)
+    try:
+        code = child.wait()
+    except (KeyboardInterrupt, Stopped) as e:
+        child.send_signal(signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT)
+        try:
+            child.wait()
+        except (KeyboardInterrupt, Stopped):
+            child.kill()
+            child.wait()
+        raise
+    if code != 0:
         raise OSError(f"training failed: {' '.join(command)}")
 
 
+def train_settings(args):
+    """The settings (what defines a run) that train.py ARGS would train with, as train.py itself resolves them."""
+    command = [sys.executable, str(ROOT / "train.py"), *args, "--print_config"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(f"--train_args: {result.stderr.strip().splitlines()[-1].removeprefix('error: ')}")
+    return json.loads(result.stdout)
+
+
 def comparison(config):
-    """The paper's models at --base: [(label, spec, max_new_tokens)], training the finetuned ones missing."""
+    """The paper's models at --base: [(label, spec, max_new_tokens)], training the finetuned ones missing and
+    finishing the ones stopped."""
     base, limit = config["base"], config["max_new_tokens"]
     models = rule_models(base, limit)
     runs = [("instruction-tuned", "instruction_tuning", config["instruction_data"]),
             ("response-tuned", "response_tuning", config["response_data"])]
     runs += [(f"{task}-tuned", task, config["task_data"] or task) for task in config["tasks"].split()]
     for label, run, data in runs:
-        out = find_run(config, run, base, data)
-        state = progress(out)
-        if state is None:
+        args = [str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--data={data}", *config["train_args"].split()]
+        out = find_run(config, run, args)
+        if progress(out) is None and not (out / "ckpt.pt").exists():
             print(f"training {label} ({data}) into {out}", file=sys.stderr)
-            run_train([str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--data={data}", f"--out_dir={out}",
-                       *config["train_args"].split()], config)
-        elif not state["finished"]:  # a stopped run is finished first, never scored half-trained
-            print(f"{out} stopped at step {state['step']} of {state['max_iters']}: resuming it", file=sys.stderr)
+            run_train([*args, f"--out_dir={out}"], config)
+        elif why := unfinished(out):  # a stopped run is finished first, never scored half-trained
+            print(f"{why}: resuming it", file=sys.stderr)
             run_train(["--init_from=resume", f"--out_dir={out}"], config)
         models.append((label, str(out), limit))
     return models
 
 
-def find_run(config, run, base, data):
-    """Where --compare takes a finetuned model from: the directory the README's command puts it in (the config's
-    own out_dir, e.g. out/response_tuning) when the run there started from this base on this data; else its own
-    out_dir/runs/<base>_<run> (trained there if missing)."""
+def find_run(config, run, args):
+    """Where --compare takes the model that `train.py ARGS` trains: the directory the README's command puts it in
+    (the config's own out_dir, e.g. out/response_tuning) if the run there has exactly the settings ARGS give
+    (base, data, steps, learning rate, seed, loss, --train_args: train_settings); else out_dir/runs/<base>_<run>_
+    <a hash of ARGS>, trained there if missing, so that runs with other settings never stand in for each other.
+    A run found is checked against the settings, so that one trained by another version of train.py (other
+    defaults) is never taken either."""
     own = Path(read_toml(ROOT / "config" / f"{run}.toml").get("out_dir", ""))
     state = progress(own) if str(own) not in ("", ".") else None
-    if state is not None and (state["init_from"], state["data"]) == (base, data):
+    wanted = train_settings(args) if state is not None else None
+    if state is not None and state["settings"] == wanted:
         return own
-    return Path(config["out_dir"]) / "runs" / f"{Path(base).name}_{run}"
+    if state is not None:
+        differ = sorted(k for k in wanted.keys() | state["settings"].keys() if state["settings"].get(k) != wanted.get(k))
+        print(f"{own} holds a run with other settings ({', '.join(differ[:4])}): not used", file=sys.stderr)
+    digest = hashlib.sha256(json.dumps([run, *args[1:]]).encode()).hexdigest()[:8]  # the TOML by name, not path
+    out = Path(config["out_dir"]) / "runs" / f"{Path(config['base']).name}_{run}_{digest}"
+    state = progress(out)
+    if state is not None and state["settings"] != (wanted or train_settings(args)):
+        raise ValueError(f"{out} holds a run with other settings than train.py {' '.join(args[1:])} gives now (an "
+                         f"older version's defaults?); move it away to train it anew")
+    return out
 
 
 def check_finished(spec):
     """A model that is a train.py run must be a finished one: a half-trained model is not a result."""
     init_from, _ = parse_model(spec)
-    state = progress(init_from) if Path(init_from).is_dir() else None
-    if state is not None and not state["finished"]:
-        raise ValueError(f"{init_from} is an unfinished run (step {state['step']} of {state['max_iters']}); finish it "
-                         f"with: python train.py --init_from=resume --out_dir={init_from}")
+    why = unfinished(init_from) if Path(init_from).is_dir() else None
+    if why:
+        raise ValueError(why)
 
 
 def ranking_set(config, rows):
@@ -610,6 +649,11 @@ def tinyworld(config, device, dtype):
         raise ValueError(f"--split={config['split']}: expected test or dev")
     if not seeds:
         raise ValueError("--seeds: expected at least one seed, e.g. --seeds='1 2 3'")
+    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds={config['seeds']!r}: expected distinct seeds, 0 or more (a seed twice would count "
+                         f"one base twice in the mean and sd)")
+    if not all(0 < lr < float("inf") for lr in lrs):
+        raise ValueError(f"--lr_sweep={config['lr_sweep']!r}: expected learning rates above 0")
     path = WORLD / f"{config['split']}.jsonl"
     chat.prepare_data("tinyworld", path)
     rows = [row for _, row in chat.json_lines(*chat.read_bytes(path))]
@@ -620,7 +664,10 @@ def tinyworld(config, device, dtype):
         runs, name = [(f"response-tuned at lr {lr:.0e}", "tinyworld_responses", lr) for lr in lrs], "lr_sweep"
     else:
         runs, name = [(label, run, None) for label, run in WORLD_RUNS], "results"
-    by_seed = {seed: world_seed(seed, rows, runs, not lrs, config, device, dtype) for seed in seeds}
+    by_seed = {}
+    for seed in seeds:  # each seed's results are kept as it ends: a stopped comparison loses only the seed it was on
+        by_seed[seed] = world_seed(seed, rows, runs, not lrs, config, device, dtype)
+        chat.write_atomic(out_dir / f"seed{seed}" / f"{name}.json", json.dumps(by_seed[seed], indent=2))
     minutes = (time.time() - start) / 60
     table = world_markdown(by_seed)
     print(table)
@@ -640,6 +687,7 @@ def tinyworld(config, device, dtype):
 
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
+    check_ranges(config, RANGES)
     use_threads(config["threads"])
     device = pick_device(config["device"])
     dtype = pick_dtype(device, config["dtype"])
@@ -657,12 +705,12 @@ def main(argv):
     limit = config["max_new_tokens"]
     if not config["compare"] and not config["models"].split():
         raise ValueError("--models is empty: name at least one model (e.g. --models='gpt2 gpt2+rules')")
-    if config["negatives"] < 1 or config["batch_size"] < 1 or limit < 1:
-        raise ValueError(f"--negatives={config['negatives']}, --batch_size={config['batch_size']}, --max_new_tokens={limit}: "
-                         "expected each >= 1")
     models = comparison(config) if config["compare"] else [(spec, spec, limit) for spec in config["models"].split()]
     for _, spec, _ in models:  # a typo or a half-trained run fails now, not after an hour of generation
         check_finished(spec)
+    outputs = {f"--out_dir's {name}": out_dir / name for name in ("results.md", "results.json", "results.png")}
+    outputs |= {f"--out_dir's {file_name(label)}.json": out_dir / f"{file_name(label)}.json" for label, _, _ in models}
+    refuse_overwriting(outputs, {"--eval_set": config["eval_set"], "--ranking_set": ranked_file})
     results, groups = {}, {}
     for label, spec, max_new_tokens in models:  # one group per model: base, base + rules and the ablations share it
         groups.setdefault(parse_model(spec)[0], []).append((label, spec, max_new_tokens))
@@ -687,7 +735,14 @@ def file_name(label):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests import this file
     try:
         main(sys.argv[1:])
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, Stopped) as e:  # training children have checkpointed and exited (run_train)
+        code = e.code if isinstance(e, Stopped) else 128 + signal.SIGINT
+        print(f"{'terminated' if code == 128 + signal.SIGTERM else 'interrupted'}: the files written so far are kept "
+              f"(finished seeds' results, each model's answers, finetuned runs to resume); the table was not "
+              f"written", file=sys.stderr)
+        sys.exit(code)

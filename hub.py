@@ -173,7 +173,8 @@ def _expected_sha256(seen):
 
 def _defect(part, total, sha256):
     """What is wrong with `part`, all of a download, as a phrase; None if it is the file: not an HTML page,
-    `total` bytes when known, of `sha256` when known."""
+    `total` bytes when known, of `sha256` when known, and for a .json file valid JSON: a small file served
+    without Content-Length and cut short has no other sign of it."""
     if _is_html(part):
         return "is an HTML page (a captive portal's or login page's?)"
     size = part.stat().st_size
@@ -181,6 +182,11 @@ def _defect(part, total, sha256):
         return f"has {size} bytes, expected {total}"
     if sha256 is not None and (got := _sha256(part)) != sha256:
         return f"is corrupted (sha256 {got[:12]}..., the hub says {sha256[:12]}...)"
+    if str(part).removesuffix(".part").endswith(".json"):
+        try:
+            json.loads(part.read_bytes())
+        except (ValueError, RecursionError) as e:
+            return f"is not valid JSON, cut short? ({' '.join(str(e).split())[:80]})"
     return None
 
 

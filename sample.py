@@ -29,7 +29,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import chat
-from cli import DEVICE_FLAGS, for_inference, parse_flags, pick_device, pick_dtype, use_threads
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, check_ranges, for_inference, on_sigterm, parse_flags, pick_device,
+                 pick_dtype, refuse_overwriting, use_threads)
 from model import GPT
 from rules import parse_rules, respond
 
@@ -56,25 +57,14 @@ DEFAULTS = {
                        "faster; the same tokens)"),
     **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
+RANGES = {"top_k": "[0, inf)", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)", "batch_size": "[1, inf)",
+          "what_bias": "(-inf, inf)", "seed": "[0, 1e18]", **DEVICE_RANGES}  # and temperature, when sampling
 # ---------------------------------------------------------------------------------------------------------
 
 
 # flags that change the answers: a resumed file must have been started with the same ones
 ANSWER_FLAGS = ("init_from", "rules", "eos_hold", "response_only", "what_bias", "max_new_tokens", "greedy",
                 "temperature", "top_k", "top_p", "seed")
-
-
-class Stopped(BaseException):
-    """Ctrl-C or SIGTERM: stop and say what was kept. `code` is the exit status a shell expects, 128 + the
-    signal. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-def on_sigterm(signum, frame):
-    raise Stopped(128 + signal.SIGTERM, "terminated")  # in Python, so that answer_file keeps what it has
 
 
 def check_flags(config, argv):
@@ -84,16 +74,10 @@ def check_flags(config, argv):
         key = arg.removeprefix("--")
         if arg.startswith("--") and key in DEFAULTS and isinstance(DEFAULTS[key][0], str) and key != "rules":
             raise ValueError(f"{arg} needs a value: {arg}=...")
-    checks = [("top_k", config["top_k"] >= 0, "0 (all tokens) or more"),
-              ("top_p", 0 < config["top_p"] <= 1, "a number in (0, 1]"),  # NaN fails every comparison
-              ("temperature", config["greedy"] or 0 < config["temperature"] < math.inf,
-               "a number above 0 when sampling (--greedy=False)"),
-              ("max_new_tokens", config["max_new_tokens"] >= 1, "1 or more"),
-              ("batch_size", config["batch_size"] >= 1, "1 or more"),
-              ("what_bias", math.isfinite(config["what_bias"]), "a finite number")]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"--{key}={config[key]}: expected {expected}")
+    check_ranges(config, RANGES)
+    if not (config["greedy"] or 0 < config["temperature"] < math.inf):  # NaN fails every comparison
+        raise ValueError(f"--temperature={config['temperature']}: expected a number above 0 when sampling "
+                         f"(--greedy=False)")
     if config["rules"].lower() == "true":  # a bare --rules: say which rules, in the header and the generator name
         config = {**config, "rules": "all"}
     return config
@@ -133,9 +117,11 @@ class Printer:
 
 # --------------------------------------------------------------------------------- --instructions: a file
 
-def check_out(name):
-    """--out must be a file we can write, or we would find out only after generating every answer."""
+def check_out(name, inputs):
+    """--out must be a file we can write, or we would find out only after generating every answer; neither it
+    nor its partial file may be an input (flag -> path): a rerun would then read our answers as its input."""
     out = Path(name)
+    refuse_overwriting({"--out": out, "--out's partial file": partial_path(out)}, inputs)
     if out.is_dir():
         raise IsADirectoryError(f"--out={name}: a directory, not a file")
     try:
@@ -203,7 +189,10 @@ def generate_answers(model, rows, answers, file, config, rule_set, device, dtype
 def read_file_job(config):
     """(instructions, --out, answers kept by an interrupted run): everything that can be wrong with the files,
     found before a model download and hours of generation."""
-    rows, out = chat.read_instructions(config["instructions"]), check_out(config["out"])
+    model = Path(config["init_from"])  # a file, or a directory whose files are the model
+    inputs = {"--instructions": config["instructions"], "--init_from": model,
+              **{f"--init_from's {name}": model / name for name in ("config.json", "model.safetensors")}}
+    rows, out = chat.read_instructions(config["instructions"]), check_out(config["out"], inputs)
     return rows, out, read_partial(partial_path(out), rows, {key: config[key] for key in ANSWER_FLAGS})
 
 

@@ -13,8 +13,11 @@ Finetune GPT-2 in the paper's chat format, with the loss on assistant tokens onl
 
 A TOML file sets any of the flags below; flags after it override it. The out_dir ends up holding ckpt.pt (to
 resume), config.json + model.safetensors (HF format: sample.py, transformers and GPT.from_pretrained load it),
-log.jsonl and loss.png.
+progress.json (how far the run got), log.jsonl and loss.png. A run is never lost to a mistake: every flag, the
+data and the model are checked before anything is written, --overwrite replaces the old run only at the new
+run's first checkpoint, and a checkpoint whose weights or validation loss are not finite is never written.
 """
+import fcntl
 import json
 import math
 import os
@@ -29,8 +32,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
-from checkpoint import RUN_FILES, holds_run, load_checkpoint, progress, save_run
-from cli import DEVICE_FLAGS, autocast, parse_flags, pick_device, pick_dtype, pyplot, use_threads
+from checkpoint import (holds_run, load_checkpoint, non_finite, progress, put_back, save_run, set_aside,
+                        settle)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, autocast, check_ranges, given_keys, parse_flags, pick_device,
+                 pick_dtype, pyplot, use_threads)
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -69,10 +74,19 @@ DEFAULTS = {
     "n_embd": (768, "with init_from=scratch: width"),
     "vocab": ("", "with init_from=scratch: a JSON list of the GPT-2 ids the model knows (TinyWorld's "
                   "data/tinyworld/vocab.json); empty = all 50,257"),
+    "print_config": (False, "print the run's settings (the flags that define what it learns) as JSON and exit; "
+                            "nothing is read or written"),
 }
+RANGES = {"epochs": "[0, inf)", "max_iters": "[0, inf)", "batch_size": "[1, inf)",
+          "gradient_accumulation_steps": "[1, inf)", "learning_rate": "[0, inf)", "warmup_ratio": "[0, 1]",
+          "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "block_size": "[1, inf)", "dropout": "[0, 1)",
+          "eval_interval": "[1, inf)", "preview": "[0, inf)", "seed": "[0, 1e18]", "n_layer": "[1, inf)",
+          "n_head": "[1, inf)", "n_embd": "[1, inf)", **DEVICE_RANGES}
 DEFAULTS_VALUES = {key: value for key, (value, _) in DEFAULTS.items()}
 RESUMABLE = {"init_from", "out_dir", "max_iters", "epochs", "eval_interval", "preview", "compile", "overwrite",
              *DEVICE_FLAGS}  # what --init_from=resume may change; any other flag must match the run's own
+HOW_RUN = {"out_dir", "overwrite", "eval_interval", "preview", "compile", "print_config",
+           *DEVICE_FLAGS}  # where and how a run goes, not what it learns: not among its settings
 PREVIEW_INSTRUCTIONS = ["Give me a recipe for tiramisu.",  # held-out instructions for the before/after printout
                         "Write a short poem about the ocean.",
                         "What are three tips for staying focused while studying?"]
@@ -238,33 +252,36 @@ def preview_answers(model, title, n, device, dtype):
 # ------------------------------------------------------------------------------------ the run directory
 
 def take_lock(out_dir):
-    """One train.py per out_dir: create out_dir/train.lock holding our pid, or refuse if a live process holds it.
-    A lock left by a killed process (its pid no longer runs) is taken over."""
-    lock = Path(out_dir) / "train.lock"
-    for _ in range(2):
+    """One train.py per out_dir: an exclusive flock on out_dir/train.lock, or a one-line refusal if a live process
+    holds it. The kernel takes the lock in one step and releases it when its process ends, however it ends, so two
+    processes can never both hold it and a killed run leaves no lock to clean up. The pid in the file only names
+    the holder in the refusal. Returns the open lock file (release_lock closes it)."""
+    path = Path(out_dir) / "train.lock"
+    while True:
+        f = open(path, "a+")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            text = lock.read_text().strip() if lock.is_file() else ""
-            pid = int(text) if text.isdigit() else None
-            if pid is not None and pid_alive(pid):
-                raise OSError(f"{out_dir} is in use: train.py (pid {pid}) is training into it; wait for it, or stop it") from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return lock
-    raise OSError(f"{lock}: could not take the lock")
-
-
-def pid_alive(pid):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise OSError(f"{out_dir} is in use: train.py (pid {holder}) is training into it; wait for it, "
+                          f"or stop it") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break  # locked the file that is there now, not one its last holder removed as we opened it
+        f.close()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError:  # a full disk: the lock holds without the pid
+        pass
+    return f
+
+
+def release_lock(lock):
+    Path(lock.name).unlink(missing_ok=True)  # before the lock goes: a newcomer then opens a new file
+    lock.close()
 
 
 def plot_losses(log, path):
@@ -298,26 +315,29 @@ def peak_flops(device):
 
 def check_flags(config):
     """The flags whose values make no run: one line each, before anything is loaded."""
+    check_ranges(config, RANGES)
     if config["loss"] not in ("example", "token"):
         raise ValueError(f"--loss={config['loss']}: expected example or token")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size"):
-        if config[key] < 1:
-            raise ValueError(f"--{key}={config[key]}: expected a positive number")
-    if config["max_iters"] < 0 or (config["max_iters"] == 0 and not config["epochs"] > 0):
+    if config["max_iters"] == 0 and config["epochs"] == 0:
         raise ValueError(f"--max_iters={config['max_iters']}, --epochs={config['epochs']}: expected max_iters > 0, "
                          "or max_iters = 0 and epochs > 0")
-    if not 0 <= config["learning_rate"] < float("inf") or not 0 <= config["warmup_ratio"] <= 1:
-        raise ValueError(f"--learning_rate={config['learning_rate']}, --warmup_ratio={config['warmup_ratio']}: "
-                         "expected a finite learning rate >= 0 and a ratio in [0, 1]")
+    if config["init_from"] == "scratch" and config["n_embd"] % config["n_head"]:
+        raise ValueError(f"--n_head={config['n_head']} does not divide --n_embd={config['n_embd']} (each head gets "
+                         f"n_embd / n_head dimensions)")
 
 
-def resumed_config(config, ckpt, argv, out_dir):
+def settings(config, origin):
+    """What defines a run, what it learns: every flag but where and how it runs (HOW_RUN), with init_from the
+    model it started from. progress.json keeps them; evaluate.py --compare reuses a run only if they match."""
+    return {**{key: value for key, value in config.items() if key not in HOW_RUN}, "init_from": origin}
+
+
+def resumed_config(config, ckpt, given, out_dir):
     """The run's own configuration from its checkpoint, with the flags a resumed run may change (RESUMABLE:
     extend it with --max_iters or --epochs, move it to another device, ...). Any other flag given on the command
-    line must equal the run's own: one line otherwise, never silently ignored."""
+    line or in a TOML file must equal the run's own: one line otherwise, never silently ignored."""
     run = {**DEFAULTS_VALUES, **ckpt["config"]}
     run.setdefault("loss", "token")  # checkpoints from before --loss existed weighed tokens
-    given = {arg.removeprefix("--").partition("=")[0] for arg in argv if arg.startswith("--")}
     for key in sorted(given - RESUMABLE):
         if config[key] != run[key]:
             raise ValueError(f"--{key}={config[key]}: {out_dir} was trained with {key}={run[key]!r}, and a resumed "
@@ -328,6 +348,9 @@ def resumed_config(config, ckpt, argv, out_dir):
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
     check_flags(config)
+    if config["print_config"]:
+        print(json.dumps(settings(config, config["init_from"]), sort_keys=True))
+        return 0
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_threads(config["threads"])
@@ -339,37 +362,49 @@ def main(argv):
             torch.cuda.set_device(device)
     master = rank == 0
     dtype = pick_dtype(device, config["dtype"])
-
-    # the run's directory; resuming takes the run's own configuration from its checkpoint
     resume = config["init_from"] == "resume"
     if not config["out_dir"]:
         if resume:
             raise ValueError("--init_from=resume needs --out_dir of the run to continue")
         config["out_dir"] = str(Path("out") / Path(config["data"]).stem)
     out_dir = Path(config["out_dir"])
+    if resume and not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
+    created, lock = not out_dir.exists(), None
+    try:
+        if master:  # the lock first: nothing in out_dir is read or changed by two processes at once
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = take_lock(out_dir)
+            settle(out_dir)
+        if ddp:
+            torch.distributed.barrier()
+        return begin(config, argv, out_dir, device, dtype, ddp, rank, world)
+    except BaseException:
+        if master:  # a run that ends before its first checkpoint leaves the run it was to replace as it was
+            put_back(out_dir)
+        raise
+    finally:
+        if lock is not None:
+            release_lock(lock)
+        if created and master and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # refused before it wrote anything: nothing left behind
+
+
+def begin(config, argv, out_dir, device, dtype, ddp, rank, world):
+    """The out_dir's run, checked: a resumed run takes its configuration from its checkpoint; a new run may not
+    replace one without --overwrite."""
     ckpt = None
-    if resume:
+    if config["init_from"] == "resume":
         if not (out_dir / "ckpt.pt").is_file():
             raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
         ckpt = load_checkpoint(out_dir / "ckpt.pt")
-        config = resumed_config(config, ckpt, argv, out_dir)
-    elif master and holds_run(out_dir) and not config["overwrite"]:
+        config = resumed_config(config, ckpt, given_keys(argv), out_dir)
+    elif rank == 0 and holds_run(out_dir) and not config["overwrite"]:
         state = progress(out_dir)
         what = f" (step {state['step']} of {state['max_iters']})" if state else ""
         raise ValueError(f"{out_dir} already holds a run{what}; continue it with --init_from=resume --out_dir={out_dir}, "
                          f"or replace it with --overwrite")
-    lock = None
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = take_lock(out_dir)
-        if not resume:  # --overwrite: the old run's marks go first, so nothing can mistake it for this one
-            for name in RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
-    try:
-        return train(config, ckpt, out_dir, device, dtype, ddp, rank, world)
-    finally:
-        if lock is not None:
-            lock.unlink(missing_ok=True)
+    return train(config, ckpt, out_dir, device, dtype, ddp, rank, world)
 
 
 def set_up(config, ckpt, out_dir, device, dtype, world, say):
@@ -382,6 +417,9 @@ def set_up(config, ckpt, out_dir, device, dtype, world, say):
     val_path = Path(config["val_data"]) if config["val_data"] else val_path
     train, truncated = read_examples(train_path, config["block_size"])
     val = read_examples(val_path, config["block_size"])[0] if val_path else []
+    if not train:  # tokenize() drops an example whose response starts past block_size: nothing of it is learned
+        raise ValueError(f"{train_path}: no example keeps a response token within --block_size={config['block_size']}"
+                         f" ({truncated} truncated): nothing to learn; raise --block_size")
     say(f"data: {len(train)} training examples from {train_path} ({truncated} truncated to "
         f"{config['block_size']} tokens), {len(val)} for validation" + ("" if val else " (no val split: no eval loss)"))
     per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
@@ -441,11 +479,12 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
     model = torch.compile(raw_model) if config["compile"] else raw_model  # raw_model: what is saved and evaluated
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    if master:
-        with open(out_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history when resuming
-            f.writelines(json.dumps(r) + "\n" for r in log)
     origin = ckpt.get("origin", "") if ckpt is not None else config["init_from"]  # the model the run started from
     per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world
+
+    def marks():  # progress.json: how far the run is, and what defines it
+        return {"step": step, "max_iters": max_iters, "finished": step >= max_iters, "init_from": origin,
+                "data": config["data"], "settings": settings(config, origin)}
 
     def checkpoint():
         model_config = {k: v for k, v in vars(raw_model.config).items() if k != "dropout"}
@@ -453,7 +492,14 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
             "model": raw_model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": config, "step": step, "max_iters": max_iters, "origin": origin,
             "samples_seen": step * per_step, "log": log, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, step >= max_iters)
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, marks())
+
+    if master and ckpt is None:  # flags, data and model are good: the run it replaces steps aside
+        set_aside(out_dir)
+    if master and ckpt is not None and not agrees(progress(out_dir), ckpt):
+        checkpoint()  # killed while saving: progress.json or the export lag the checkpoint; rewrite them from it
+    if master:
+        write_log(out_dir, log, "w")  # rewritten from the checkpoint's history when resuming
 
     stop = []  # Ctrl-C (or SIGTERM) finishes the current step, checkpoints and exits; resume continues exactly
     signal.signal(signal.SIGINT, lambda signum, _: stop.append(signum))
@@ -473,7 +519,8 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
         if ddp:
             agree_to_stop(stop, device)
         if not torch.isfinite(step_loss):
-            raise diverged(step_loss, raw_model, step, step == first_step, out_dir, saved)
+            raise diverged(f"loss is {step_loss.item()} at step {step + 1}", raw_model, step == first_step, out_dir,
+                           saved)
         update(model, optimizer, scaler, config["grad_clip"])
         step += 1
         tokens_per_s = sum(len(ids) for b in micro for ids, _ in b) * world / (time.time() - t0)  # real tokens
@@ -485,11 +532,11 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
             if val:
                 log[-1]["val_loss"] = round(val_loss(raw_model, val, config, device, dtype), 6)
                 bar.write(f"step {step}: train loss {step_loss.item():.4f}, val loss {log[-1]['val_loss']:.4f}")
+            check_finite(raw_model, log[-1], out_dir, saved)  # never a checkpoint of a diverged update
             checkpoint()
             saved = step
         if master:
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(log[-1]) + "\n")
+            write_log(out_dir, log[-1:], "a")
     bar.close()
     return finish(raw_model, log, stop, step, out_dir, config, device, dtype, ddp, master)
 
@@ -539,16 +586,47 @@ def agree_to_stop(stop, device):
         stop.append(signal.SIGTERM)
 
 
-def diverged(step_loss, model, step, first, out_dir, saved):
-    """The error for a loss that is NaN or Inf at `step`: where the last good checkpoint is, and a likely cause
-    (`first`: it happened on the run's first step, so the weights may have come in broken)."""
+def check_finite(model, record, out_dir, saved):
+    """Before a checkpoint: the weights after this step's update, and its val loss, must be finite numbers."""
+    if any(non_finite(p.detach()) for p in model.parameters()):
+        raise diverged(f"the update of step {record['step']} made the weights NaN or Inf", model, False, out_dir,
+                       saved)
+    if not math.isfinite(record.get("val_loss", 0.0)):
+        raise diverged(f"the val loss is {record['val_loss']} at step {record['step']}", model, False, out_dir, saved)
+
+
+def diverged(what, model, first, out_dir, saved):
+    """The error for a run whose loss or weights stopped being finite: what happened, that nothing of it was saved,
+    where the last good checkpoint is, and a likely cause (`first`: on the run's first step, so the weights may
+    have come in broken)."""
     last = f"{out_dir / 'ckpt.pt'} (step {saved})" if saved is not None else "none yet"
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    cause = ("Try a lower --learning_rate" if bad is None else f"The weights were not finite ({bad}) when "
-             "loaded" if first else f"An earlier update made the weights infinite ({bad}): try a "
-             "lower --learning_rate")
-    return FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; stopping. Last good checkpoint: "
-                              f"{last}. {cause}.")
+    if bad is None:
+        cause = "Try a lower --learning_rate (or keep --grad_clip on)"
+    elif first:
+        cause = f"The weights were not finite ({bad}) when loaded"
+    else:
+        cause = f"An update made the weights NaN or Inf ({bad}): try a lower --learning_rate (or keep --grad_clip on)"
+    return FloatingPointError(f"{what}; stopping, nothing of it saved. Last good checkpoint: {last}. {cause}.")
+
+
+def agrees(state, ckpt):
+    """Whether progress.json (`state`) speaks for the checkpoint `ckpt`: written with it, so that the HF export
+    beside it is the checkpoint's too (save_run moves progress.json in last)."""
+    if state is None:
+        return False
+    max_iters = ckpt.get("max_iters", ckpt["step"])
+    return (state["step"], state["max_iters"], state["finished"]) == (ckpt["step"], max_iters, ckpt["step"] >= max_iters)
+
+
+def write_log(out_dir, records, mode):
+    """Write ("w") or append ("a") records to out_dir/log.jsonl; a full disk is one line naming the file."""
+    path = Path(out_dir) / "log.jsonl"
+    try:
+        with open(path, mode) as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    except OSError as e:
+        raise OSError(f"{path}: could not write the training log ({e.strerror or e})") from None
 
 
 def update(model, optimizer, scaler, grad_clip):
@@ -585,3 +663,6 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except (ValueError, OSError, FloatingPointError) as e:  # user mistakes, data errors, downloads: one line
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before the first step (after it, the loop stops at a step's end)
+        print("interrupted before training began; the out_dir is as it was", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

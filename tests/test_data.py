@@ -270,4 +270,8 @@ def test_prepare_scripts_take_help_and_refuse_other_arguments(fake_hub, tmp_path
     assert len(fake_hub.requests) == asked  # --help downloads nothing
     r = subprocess.run([sys.executable, script, "--outdir=x"], capture_output=True, text=True, cwd=work)
     assert r.returncode == 1 and r.stderr == "error: unknown argument '--outdir=x' (the one flag is --out_dir=DIR; see --help)\n"
+    r = subprocess.run([sys.executable, script, "--out_dir="], capture_output=True, text=True, cwd=work,
+                       env={**os.environ, "HF_ENDPOINT": fake_hub.url})
+    assert r.returncode == 1 and r.stderr == "error: --out_dir is empty; name a directory, e.g. --out_dir=.\n"
+    assert len(fake_hub.requests) == asked  # refused before a download (it used to write 11 files into the cwd)
     assert list(work.iterdir()) == []  # nothing written anywhere, no folder named after a flag

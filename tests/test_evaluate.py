@@ -2,12 +2,13 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, assert_close
 
 import chat
 import evaluate
@@ -84,7 +85,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
     with torch.no_grad():
         ref = hf(torch.tensor([ids]), labels=labels).loss
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert_close(ours, ref)
 
 
 def test_scoring_with_rules_is_the_product_of_experts(small_hf):
@@ -97,7 +98,7 @@ def test_scoring_with_rules_is_the_product_of_experts(small_hf):
     for t, token in enumerate(target):
         ids = prompt + target[:t]
         expected = F.log_softmax(F.log_softmax(logits[len(ids) - 1], -1) + rule_bias(ids, len(prompt), RuleSet()), -1)
-        assert ours[t].item() == pytest.approx(expected[token].item(), abs=1e-5)
+        assert_close(ours[t], expected[token], scale=expected.abs().max())  # the log-probs' magnitude, not this one's
 
 
 @pytest.mark.parametrize("rule_set", [NO_RULES, RuleSet()], ids=["model", "model+rules"])
@@ -111,7 +112,7 @@ def test_batched_scoring_equals_one_at_a_time(small_hf, rule_set):
     alone = [evaluate.score_responses(model, [rule_set], [pair], "cpu", "float32", batch_size=1)[0][0] for pair in pairs]
     assert [len(a) for a in alone][-2:] == [128 + 1 - len(chat.encode_prompt("x " * 50)), 1]
     for a, b in zip(alone, batched):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_close(a, b)
 
 
 def test_rule_sets_scored_together_equal_each_scored_alone(small_hf):
@@ -124,7 +125,7 @@ def test_rule_sets_scored_together_equal_each_scored_alone(small_hf):
     for rule_set, scored in zip(rule_sets, together):
         alone = evaluate.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=3)[0]
         for a, b in zip(alone, scored):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+            assert_close(a, b)
     assert not torch.allclose(together[0][0], together[1][0])  # the rules do change the scores
 
 
@@ -147,7 +148,7 @@ def test_embedding_is_hf_mean_pooled_hidden_states(small_hf):
         ids = chat.encode(text) or [EOT]
         with torch.no_grad():
             ref = hf.transformer(torch.tensor([ids])).last_hidden_state[0].mean(0)  # after ln_f, as ours
-        torch.testing.assert_close(vector, ref, atol=1e-5, rtol=0)
+        assert_close(vector, ref)
 
 
 def test_whole_comparison_smoke_run(small_hf, tmp_path):
@@ -178,7 +179,8 @@ def test_whole_comparison_smoke_run(small_hf, tmp_path):
         answers = json.loads((out / f"{label.replace(' ', '-')}.json").read_text())
         assert len(answers) == 6 and set(answers[0]) == {"instruction", "output", "generator", "dataset"}
     assert (out / "results.png").stat().st_size > 5000
-    assert (out / "runs" / f"{directory.name}_chess" / "model.safetensors").is_file()
+    [chess] = (out / "runs").glob(f"{directory.name}_chess_*")  # named by its settings' hash
+    assert (chess / "model.safetensors").is_file()
     # then the response-similarity analysis of the five single-task models, against other reference responses
     reference = ROOT / "data" / "sample" / "sample_val.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--similarity", *common, f"--instruction_data={reference}"],
@@ -199,18 +201,36 @@ def test_only_the_model_without_the_eos_rule_is_limited_to_512_tokens():
 
 
 def test_cli_mistakes_are_one_line(tmp_path):
-    for args, message in [(("--models=gpt2+rules=bogus",), "--models: gpt2+rules=bogus: unknown rule 'bogus'"),
-                          ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file"),
-                          (("--compare", f"--ranking_set={tmp_path / 'none.jsonl'}"), "none.jsonl: no such file"),
-                          (("--similarity",), "gsm8k-tuned.json: no answers of the gsm8k-tuned model; run python "
-                                              "evaluate.py --compare first"),
-                          (("--models=",), "--models is empty"), (("--negatives=0",), "--negatives=0"),
-                          ((f"--models=gpt2 {unfinished(tmp_path)}+rules",), f"{tmp_path / 'half'} is an unfinished run "
-                                                                           "(step 3 of 10); finish it with")]:
-        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args, f"--out_dir={tmp_path}"],
-                           capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
-        assert not (tmp_path / "runs").exists()  # nothing was trained before the mistake was found
+    cases = [(("--models=gpt2+rules=bogus",), "--models: gpt2+rules=bogus: unknown rule 'bogus'"),
+             ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file"),
+             (("--compare", f"--ranking_set={tmp_path / 'none.jsonl'}"), "none.jsonl: no such file"),
+             (("--similarity",), "gsm8k-tuned.json: no answers of the gsm8k-tuned model; run python "
+                                 "evaluate.py --compare first"),
+             (("--models=",), "--models is empty"), (("--negatives=0",), "--negatives=0"),
+             ((f"--models=gpt2 {unfinished(tmp_path)}+rules",), f"{tmp_path / 'half'} is an unfinished run "
+                                                                "(step 3 of 10)"),
+             (("--seed=-1",), "--seed=-1: expected a number in [0, 1e18]"),
+             (("--batch_size=0",), "--batch_size=0: expected 1 or more")]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # a few at a time: each is a torch import
+        results = pool.map(lambda args: subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args,
+                                                        f"--out_dir={tmp_path}"], capture_output=True, text=True,
+                                                       cwd=ROOT), [args for args, _ in cases])
+    for r, (args, message) in zip(results, cases):
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "runs").exists()  # nothing was trained before a mistake was found
+
+
+def test_an_output_may_not_be_an_input(tmp_path):
+    """--eval_set or --ranking_set that is a file evaluate.py would write (an earlier run's AlpacaEval answers, say):
+    one line before any model is loaded, and the file untouched."""
+    answers = tmp_path / "gpt2.json"
+    answers.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!"}]))
+    before = answers.read_bytes()
+    for args in ([f"--eval_set={answers}"], [f"--ranking_set={answers}"]):
+        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--models=gpt2 nowhere", *args,
+                            f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--out_dir's gpt2.json=" in r.stderr, r.stderr
+        assert "is the input" in r.stderr and answers.read_bytes() == before
 
 
 def unfinished(tmp_path):
@@ -221,22 +241,46 @@ def unfinished(tmp_path):
 
 def test_compare_uses_finished_runs_where_the_readme_puts_them_and_resumes_stopped_ones(tmp_path, monkeypatch):
     """--compare never scores a half-trained run: it resumes it. A finished run in a config's own out_dir (the
-    README's command put it there) is used if it started from this base on this data; anything else is trained."""
+    README's command put it there) is used only if every setting that defines it is what the comparison would
+    train (a 1-step smoke run there used to pass for the paper's model); anything else is trained in a directory
+    named by its settings, so that runs with other settings never stand in for each other."""
     monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(evaluate, "run_train", lambda args, config: calls.append(args))
-    def mark(directory, finished, init_from="gpt2", data="lima_responses"):
+
+    def mark(directory, finished, settings):
         directory.mkdir(parents=True)
         (directory / "progress.json").write_text(json.dumps({"step": 5, "max_iters": 5 if finished else 9,
-                                                            "finished": finished, "init_from": init_from, "data": data}))
-    mark(tmp_path / "out" / "response_tuning", True)  # python train.py config/response_tuning.toml put it here
-    mark(tmp_path / "out" / "instruction_tuning", True, data="dolly")  # another data set: not this comparison's
-    mark(tmp_path / "eval" / "runs" / "gpt2_poetry", False)  # stopped half way
+                                                            "finished": finished, "init_from": "gpt2",
+                                                            "data": settings["data"], "settings": settings}))
+        if not finished:
+            (directory / "ckpt.pt").write_bytes(b"")  # resumable: evaluate asks train.py to resume it
+
+    def settings(run, data, *flags):
+        return evaluate.train_settings([str(ROOT / "config" / f"{run}.toml"), "--init_from=gpt2", f"--data={data}", *flags])
+    response = settings("response_tuning", "lima_responses")
+    assert response["learning_rate"] == 5e-5 and response["data"] == "lima_responses" and "out_dir" not in response
+    mark(tmp_path / "out" / "response_tuning", True, response)  # python train.py config/response_tuning.toml
+    smoke = settings("instruction_tuning", "lima", "--max_iters=1")
+    mark(tmp_path / "out" / "instruction_tuning", True, smoke)  # a smoke run where the README's run goes
     config = {**{k: v for k, (v, _) in evaluate.DEFAULTS.items()}, "out_dir": str(tmp_path / "eval"), "tasks": "poetry"}
-    models = dict((label, spec) for label, spec, _ in evaluate.comparison(config))
-    assert models["response-tuned"] == str(Path("out") / "response_tuning")
-    assert models["instruction-tuned"] == str(tmp_path / "eval" / "runs" / "gpt2_instruction_tuning")
-    assert models["poetry-tuned"] == str(tmp_path / "eval" / "runs" / "gpt2_poetry")
+
+    def args(run, data, *flags):
+        return [str(ROOT / "config" / f"{run}.toml"), "--init_from=gpt2", f"--data={data}", *flags]
+    poetry = evaluate.find_run(config, "poetry", args("poetry", "poetry"))
+    mark(poetry, False, settings("poetry", "poetry"))  # stopped half way
+    instruction = evaluate.find_run(config, "instruction_tuning", args("instruction_tuning", "lima"))
+    assert instruction.parent == poetry.parent == tmp_path / "eval" / "runs"
+    assert instruction != evaluate.find_run(config, "instruction_tuning", args("instruction_tuning", "lima", "--max_iters=1"))
+    mbpp = evaluate.find_run(config, "mbpp", args("mbpp", "mbpp"))
+    mark(mbpp, True, {**settings("mbpp", "mbpp"), "learning_rate": 1.0})  # trained by a train.py of other defaults
+    with pytest.raises(ValueError, match="holds a run with other settings than train.py .* move it away"):
+        evaluate.find_run(config, "mbpp", args("mbpp", "mbpp"))
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "unfinished", lambda out: "stopped" if (Path(out) / "ckpt.pt").exists() else None)
+        models = dict((label, spec) for label, spec, _ in evaluate.comparison(config))
+    assert models == {**models, "response-tuned": str(Path("out") / "response_tuning"),
+                      "instruction-tuned": str(instruction), "poetry-tuned": str(poetry)}
     assert calls == [[str(ROOT / "config" / "instruction_tuning.toml"), "--init_from=gpt2", "--data=lima",
-                      f"--out_dir={tmp_path / 'eval' / 'runs' / 'gpt2_instruction_tuning'}"],
-                     ["--init_from=resume", f"--out_dir={tmp_path / 'eval' / 'runs' / 'gpt2_poetry'}"]]
+                      f"--out_dir={instruction}"],
+                     ["--init_from=resume", f"--out_dir={poetry}"]]

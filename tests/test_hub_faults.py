@@ -111,3 +111,34 @@ def test_cached_parquet_that_does_not_parse_names_the_file_to_delete(fake_hub, t
     with pytest.raises(ValueError, match="mine.parquet: not a readable parquet file") as e:
         hub.read_parquet(outside)
     assert "delete" not in str(e.value)
+
+
+def test_a_json_file_cut_short_without_content_length_is_never_cached(fake_hub, tmp_path):
+    """A small file served without Content-Length (the body ends where the connection closes) and cut short: only
+    its format can tell. A .json download that does not parse is deleted, not cached (a cut config.json used to be
+    cached, and every later run failed on it with no advice)."""
+    config = b'{"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257}'
+    fake_hub.add("/someone/model/resolve/main/config.json", config)
+    fake_hub.no_length.add("/someone/model/resolve/main/config.json")
+    fake_hub.cut["/someone/model/resolve/main/config.json"] = 30
+    with pytest.raises(OSError, match=r"config.json is not valid JSON, cut short\?.*deleted it, run again") as e:
+        hub.cached_download("someone/model", "config.json")
+    assert "\n" not in str(e.value)
+    cached = tmp_path / "cache" / "ifwit" / "hub" / "models" / "someone" / "model"
+    assert sorted(p.name for p in cached.iterdir()) == []
+    assert hub.cached_download("someone/model", "config.json").read_bytes() == config  # the next try gets it whole
+
+
+def test_a_cached_model_file_that_does_not_parse_says_to_delete_it(fake_hub, tmp_path, monkeypatch):
+    """A cached config.json that fails to parse (cached by an older version of hub.py, or edited) names the cached
+    download to delete: every later run would otherwise fail on it with no advice."""
+    import checkpoint
+    monkeypatch.setitem(checkpoint.HUB_MODELS, "tiny", "someone/tiny")
+    cached = tmp_path / "cache" / "ifwit" / "hub" / "models" / "someone" / "tiny"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text('{"n_layer": 12, "n_he')
+    (cached / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match=rf"config.json: not valid JSON .*; it is a cached download: delete {cached} and "
+                                         r"run again to download it afresh") as e:
+        checkpoint.read_pretrained("tiny")
+    assert "\n" not in str(e.value) and not fake_hub.requests

@@ -271,3 +271,18 @@ def test_checker_cli(tmp_path):
     (tmp_path / "dir.jsonl").mkdir()
     r = checker(tmp_path / "dir.jsonl")
     assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'dir.jsonl'}: a directory, not a file\n"
+
+
+def test_checker_cli_on_a_pretraining_file(tmp_path):
+    """`python chat.py FILE` reads a file of documents ({"text"}, what train.py pretrains on) as one: its statistics,
+    or its malformed lines. (It used to report every line of a good pretraining file as malformed.)"""
+    good = tmp_path / "docs.jsonl"
+    good.write_text("".join(json.dumps({"text": f"Document {i} is about the sea."}) + "\n" for i in range(500)))
+    r = checker(good)
+    assert r.returncode == 0 and r.stdout.startswith(f"{good}: 500 documents to pretrain on; tokens"), r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 3}) + "\n{oops\n")
+    r = checker(bad)
+    assert r.returncode == 1 and r.stderr.splitlines() == [f"error: {bad}:2: missing string field 'text'",
+                                                           f"error: {bad}:3: malformed JSON (Expecting property name "
+                                                           f"enclosed in double quotes, column 2)"], r.stderr
