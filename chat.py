@@ -168,21 +168,26 @@ def conversation(where, row):
     return check_messages(row["messages"], where)
 
 
-def scan_conversations(path):
-    """(conversations, errors) of a messages JSONL file: every line is checked, and each malformed one gives one
-    error (one line of text naming file:line and field), in file order."""
+def scan(path, read_row, what):
+    """(items, errors) of a JSONL file: every non-blank line is read by read_row(where, row), and each malformed one
+    gives one error (one line of text naming file:line and field), in file order. `what` names the items."""
     path, data = read_bytes(path)
-    conversations, errors = [], []
+    items, errors = [], []
     for where, line in numbered_lines(path, data):
         try:
             row = json_line(where, line)
             if row is not BLANK:
-                conversations.append(conversation(where, row))
+                items.append(read_row(where, row))
         except ValueError as e:
             errors.append(str(e))
-    if not conversations and not errors:
-        errors.append(f"{path}: empty file, no conversations")
-    return conversations, errors
+    if not items and not errors:
+        errors.append(f"{path}: empty file, no {what}")
+    return items, errors
+
+
+def scan_conversations(path):
+    """(conversations, errors) of a messages JSONL file (scan)."""
+    return scan(path, conversation, "conversations")
 
 
 def read_conversations(path):
@@ -204,23 +209,16 @@ def jsonl_kind(path):
         else "messages"
 
 
+def document(where, row):
+    """The text of one row of a pretraining JSONL file; a ValueError if it has none."""
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f"{where}: missing string field 'text'")
+    return row["text"]
+
+
 def scan_documents(path):
-    """(documents, errors) of a pretraining JSONL file, as scan_conversations: every line checked, one error each."""
-    path, data = read_bytes(path)
-    documents, errors = [], []
-    for where, line in numbered_lines(path, data):
-        try:
-            row = json_line(where, line)
-            if row is BLANK:
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{where}: missing string field 'text'")
-            documents.append(row["text"])
-        except ValueError as e:
-            errors.append(str(e))
-    if not documents and not errors:
-        errors.append(f"{path}: empty file, no documents")
-    return documents, errors
+    """(documents, errors) of a pretraining JSONL file, one {"text": ...} per line (scan)."""
+    return scan(path, document, "documents")
 
 
 def read_documents(path):

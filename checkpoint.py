@@ -413,6 +413,15 @@ def unfinished(out_dir):
     step, max_iters = ckpt["step"], ckpt.get("max_iters", ckpt["step"])
     if step < max_iters:
         return f"{out_dir} is an unfinished run (step {step} of {max_iters}); finish it with: {resume}"
-    if state is None or (state["step"], state["max_iters"], state["finished"]) != (step, max_iters, True):
+    if not marks_agree(state, ckpt):
         return f"{out_dir}: its progress.json does not match its ckpt.pt (stopped while saving?); repair it with: {resume}"
     return None
+
+
+def marks_agree(state, ckpt):
+    """Whether progress.json (`state`, see progress()) speaks for the checkpoint `ckpt`: written with it, so that
+    the HF export beside it is the checkpoint's too (save_run moves progress.json in last)."""
+    if state is None:
+        return False
+    max_iters = ckpt.get("max_iters", ckpt["step"])
+    return (state["step"], state["max_iters"], state["finished"]) == (ckpt["step"], max_iters, ckpt["step"] >= max_iters)

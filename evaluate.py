@@ -314,7 +314,7 @@ def comparison(config):
             print(f"training {label} ({data}) into {out}", file=sys.stderr)
             run_train([*args, f"--out_dir={out}"], config)
         elif why := unfinished(out):  # a stopped run is finished first, never scored half-trained
-            print(f"{why}: resuming it", file=sys.stderr)
+            print(f"resuming {out}: {why}", file=sys.stderr)
             run_train(["--init_from=resume", f"--out_dir={out}"], config)
         models.append((label, str(out), limit))
     return models

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
-from checkpoint import (holds_run, load_checkpoint, non_finite, progress, put_back, save_run, set_aside,
-                        settle)
+from checkpoint import (holds_run, load_checkpoint, marks_agree, non_finite, progress, put_back, save_run,
+                        set_aside, settle)
 from cli import (DEVICE_FLAGS, DEVICE_RANGES, autocast, check_ranges, given_keys, parse_flags, pick_device,
                  pick_dtype, pyplot, use_threads)
 from model import GPT, GPTConfig
@@ -496,7 +496,7 @@ def train(config, ckpt, out_dir, device, dtype, ddp, rank, world):
 
     if master and ckpt is None:  # flags, data and model are good: the run it replaces steps aside
         set_aside(out_dir)
-    if master and ckpt is not None and not agrees(progress(out_dir), ckpt):
+    if master and ckpt is not None and not marks_agree(progress(out_dir), ckpt):
         checkpoint()  # killed while saving: progress.json or the export lag the checkpoint; rewrite them from it
     if master:
         write_log(out_dir, log, "w")  # rewritten from the checkpoint's history when resuming
@@ -608,15 +608,6 @@ def diverged(what, model, first, out_dir, saved):
     else:
         cause = f"An update made the weights NaN or Inf ({bad}): try a lower --learning_rate (or keep --grad_clip on)"
     return FloatingPointError(f"{what}; stopping, nothing of it saved. Last good checkpoint: {last}. {cause}.")
-
-
-def agrees(state, ckpt):
-    """Whether progress.json (`state`) speaks for the checkpoint `ckpt`: written with it, so that the HF export
-    beside it is the checkpoint's too (save_run moves progress.json in last)."""
-    if state is None:
-        return False
-    max_iters = ckpt.get("max_iters", ckpt["step"])
-    return (state["step"], state["max_iters"], state["finished"]) == (ckpt["step"], max_iters, ckpt["step"] >= max_iters)
 
 
 def write_log(out_dir, records, mode):

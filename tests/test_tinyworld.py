@@ -214,22 +214,30 @@ def test_a_stopped_comparison_stops_its_training_and_keeps_what_it_has(tmp_path,
     traceback, no process left behind. (Ctrl-C printed a KeyboardInterrupt traceback; SIGTERM left train.py
     running.)"""
     out = tmp_path / "tw"
-    p = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--tinyworld", "--from_scratch", "--seeds=1",
-                          f"--out_dir={out}", "--threads=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    with open(tmp_path / "stderr", "w") as err:  # a file: a pipe nobody reads could fill and stall the processes
+        p = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--tinyworld", "--from_scratch", "--seeds=1",
+                              f"--out_dir={out}", "--threads=1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)
     base, deadline = out / "seed1" / "base", time.time() + 180
-    while time.time() < deadline and not ((base / "log.jsonl").exists() and
-                                          (base / "log.jsonl").read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    child = int((base / "train.lock").read_text())
-    if how == "ctrl-c":
-        os.killpg(p.pid, signal.SIGINT)
-    else:
-        p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=180)
+    try:
+        while time.time() < deadline and not ((base / "log.jsonl").exists() and
+                                              (base / "log.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        child = int((base / "train.lock").read_text())
+        if how == "ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            p.send_signal(signal.SIGTERM)
+        p.wait(timeout=180)
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    finally:  # whatever failed, no process of this test outlives it
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stderr = (tmp_path / "stderr").read_text()
     assert p.returncode == code and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith(f"{word}: the files written so far are kept")
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)
     state = checkpoint.progress(base)  # the pretraining stopped at a checkpoint: it can be resumed
     assert state is not None and 2 <= state["step"] < state["max_iters"] and not (base / "train.lock").exists()

@@ -116,10 +116,10 @@ def test_one_process_per_out_dir_and_a_killed_holder_leaves_no_lock(tmp_path):
 
 def test_two_processes_never_both_take_the_lock(tmp_path):
     """The lock is taken in one step: two processes released together at the same fresh (or stale, or empty)
-    lock file, 60 times, and exactly one of them holds it each time. (The lock it replaced, an O_EXCL create and
-    then the pid written, let both in 17 times in 60: one read the other's still-empty file as stale.)"""
+    lock file, 300 times, and exactly one of them holds it each time. (The lock it replaced, an O_EXCL create and
+    then the pid written, let both in 73 times in 300 here: one read the other's still-empty file as stale.)"""
     context = multiprocessing.get_context("fork")
-    rounds = 60
+    rounds = 300
     barrier, wins = context.Barrier(2), context.Array("i", rounds)
     for k in range(rounds):
         (tmp_path / f"r{k}").mkdir()
@@ -268,12 +268,14 @@ def test_a_run_killed_before_its_first_checkpoint_gives_the_old_run_back(tmp_pat
     before = snapshot(out)
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--max_iters=100000", "--eval_interval=100000",
                           f"--out_dir={out}", "--overwrite"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / checkpoint.REPLACED / "ckpt.pt").exists() and
-                                          (out / "log.jsonl").read_text().count("\n") >= 2):
-        time.sleep(0.05)  # the old run set aside, and the new one two steps in
-    p.kill()
-    p.wait()
+    log, deadline = out / "log.jsonl", time.time() + 120
+    try:
+        while time.time() < deadline and not ((out / ".replaced" / "ckpt.pt").exists() and log.exists() and
+                                              log.read_text().count("\n") >= 2):
+            time.sleep(0.05)  # the old run set aside, and the new one two steps in
+    finally:
+        p.kill()
+        p.wait()
     assert (out / checkpoint.REPLACED).is_dir() and not (out / "ckpt.pt").exists()
     r = run("--init_from=resume", f"--out_dir={out}", "--device=cpu")  # resumes the old run, which is finished
     assert r.returncode == 0 and "done" in r.stdout, r.stderr
