@@ -250,11 +250,13 @@ def test_overwrite_replaces_the_old_run_only_at_the_new_runs_first_checkpoint(tm
     before = snapshot(out)
     (tmp_path / "bad.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
     for args, message in [([f"--data={tmp_path / 'bad.jsonl'}"], "not UTF-8"),
-                          ([f"--init_from={tmp_path / 'nowhere'}"], "no such file or directory"),
-                          (["--learning_rate=1e38", "--grad_clip=0", "--eval_interval=5", "--max_iters=5"],
-                           "loss is nan at step 2")]:
-        one_line_error(run(*TINY, "--max_iters=2", f"--out_dir={out}", "--overwrite", *args), message)
+                          ([f"--init_from={tmp_path / 'nowhere'}"], "no such file or directory")]:
+        with pytest.raises((ValueError, OSError), match=message):  # in-process: refused before training
+            train.main([*TINY, "--max_iters=2", f"--out_dir={out}", "--overwrite", *args])
         assert snapshot(out) == before
+    diverging = ["--learning_rate=1e38", "--grad_clip=0", "--eval_interval=5", "--max_iters=5"]
+    one_line_error(run(*TINY, f"--out_dir={out}", "--overwrite", *diverging), "loss is nan at step 2")
+    assert snapshot(out) == before
     r = run(*TINY, "--max_iters=3", f"--out_dir={out}", "--overwrite")  # a good new run replaces it
     assert r.returncode == 0, r.stderr
     assert marks(out)["max_iters"] == 3 and sorted(p.name for p in out.iterdir()) == sorted(before)
@@ -316,13 +318,7 @@ def test_resume_repairs_the_marks_of_a_run_killed_while_it_saved(tmp_path):
     assert marks(out) == {"step": 4, "max_iters": 4, "finished": True, "init_from": "scratch", "data": "sample"}
     assert (out / "model.safetensors").read_bytes() == final
     evaluate.check_finished(str(out))  # a finished run now
-
-
-def test_evaluate_refuses_a_half_trained_run_without_progress_json(tmp_path):
-    """The checkpoint knows its step and max_iters: a run without progress.json is judged by them."""
-    import evaluate
-    out = tmp_path / "run"
-    assert run(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
+    # and a half-trained run with no progress.json (it used to be scored): its ckpt.pt knows its step and max_iters
     state = torch.load(out / "ckpt.pt", weights_only=True)
     torch.save({**state, "step": 2}, out / "ckpt.pt")
     (out / "progress.json").unlink()
@@ -362,20 +358,22 @@ def test_a_toml_on_resume_obeys_the_rules_of_flags(tmp_path):
     one_line_error(run(str(tmp_path / "lr.toml"), "--init_from=resume", f"--out_dir={out}"),
                    f"--learning_rate=1.0: {out} was trained with learning_rate=5e-05")
     (tmp_path / "data.toml").write_text('data = "dolly"\n')
-    one_line_error(run(str(tmp_path / "data.toml"), "--init_from=resume", f"--out_dir={out}"),
-                   f"--data=dolly: {out} was trained with data='sample'")
+    with pytest.raises(ValueError, match=re.escape(f"--data=dolly: {out} was trained with data='sample'")):
+        train.main([str(tmp_path / "data.toml"), "--init_from=resume", f"--out_dir={out}"])
     (tmp_path / "more.toml").write_text("max_iters = 3\n")
     r = run(str(tmp_path / "more.toml"), "--init_from=resume", f"--out_dir={out}")
     assert r.returncode == 0 and marks(out)["step"] == 3, r.stderr
 
 
-@pytest.mark.parametrize("length", ["--max_iters=3", "--epochs=1"])
-def test_no_trainable_example_is_one_line_and_leaves_nothing(tmp_path, length):
+def test_no_trainable_example_is_one_line_and_leaves_nothing(tmp_path):
     """Every response cut off by --block_size: one line naming the cause, and no out_dir. (--max_iters ended in a
     ZeroDivisionError and a log.jsonl that blocked the next run; --epochs printed "done" with no model.)"""
     out = tmp_path / "run"
-    r = run(*TINY, "--block_size=8", length, f"--out_dir={out}")
-    one_line_error(r, "no example keeps a response token within --block_size=8")
+    one_line_error(run(*TINY, "--block_size=8", "--max_iters=3", f"--out_dir={out}"),
+                   "no example keeps a response token within --block_size=8")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="no example keeps a response token within --block_size=8"):
+        train.main([*TINY, "--block_size=8", "--epochs=1", f"--out_dir={out}"])
     assert not out.exists()
 
 
@@ -385,10 +383,11 @@ def test_a_cut_down_vocabulary_without_token_ids_is_refused_by_name(tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64, vocab_size=1000))
     model.save_pretrained(tmp_path / "small")
     assert "token_ids" not in json.loads((tmp_path / "small" / "config.json").read_text())
-    for init_from in (tmp_path / "small", tmp_path / "small" / "model.safetensors"):
-        r = run(f"--init_from={init_from}", "--data=sample", "--block_size=64", "--max_iters=1", "--device=cpu",
-                "--preview=0", f"--out_dir={tmp_path / 'run'}")
-        one_line_error(r, "token ids outside the model's vocabulary")
+    args = ["--data=sample", "--block_size=64", "--max_iters=1", "--device=cpu", "--preview=0", f"--out_dir={tmp_path / 'run'}"]
+    one_line_error(run(f"--init_from={tmp_path / 'small'}", *args), "token ids outside the model's vocabulary")
+    with pytest.raises(ValueError, match="token ids outside the model's vocabulary"):
+        train.main([f"--init_from={tmp_path / 'small' / 'model.safetensors'}", *args])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_kill_while_the_old_run_was_being_set_aside_loses_nothing(tmp_path):
