@@ -370,7 +370,8 @@ def main(argv):
     out_dir = Path(config["out_dir"])
     if resume and not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
-    created, lock = not out_dir.exists(), None
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
+    lock = None
     try:
         if master:  # the lock first: nothing in out_dir is read or changed by two processes at once
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,8 +387,9 @@ def main(argv):
     finally:
         if lock is not None:
             release_lock(lock)
-        if created and master and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # refused before it wrote anything: nothing left behind
+        for d in created if master else []:  # refused before it wrote anything: nothing left behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def begin(config, argv, out_dir, device, dtype, ddp, rank, world):

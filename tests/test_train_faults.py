@@ -70,6 +70,9 @@ def test_a_bad_flag_is_refused_before_anything_is_written(flags, message, tmp_pa
 def test_a_bad_flag_is_one_line(tmp_path):
     one_line_error(run(*TINY, f"--out_dir={tmp_path / 'run'}", "--grad_clip=-1"), "--grad_clip=-1.0: expected 0 or more")
     assert not (tmp_path / "run").exists()
+    missing = tmp_path / "a" / "b" / "run"  # a run refused after the lock: none of the folders it made stay
+    one_line_error(run(*TINY, f"--out_dir={missing}", f"--data={tmp_path / 'none.jsonl'}"), "none.jsonl: no such file")
+    assert not (tmp_path / "a").exists()
 
 
 def test_out_dir_is_protected_and_resume_honors_or_refuses_flags(tmp_path):
