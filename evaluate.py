@@ -304,10 +304,7 @@ def comparison(config):
     finishing the ones stopped."""
     base, limit = config["base"], config["max_new_tokens"]
     models = rule_models(base, limit)
-    runs = [("instruction-tuned", "instruction_tuning", config["instruction_data"]),
-            ("response-tuned", "response_tuning", config["response_data"])]
-    runs += [(f"{task}-tuned", task, config["task_data"] or task) for task in config["tasks"].split()]
-    for label, run, data in runs:
+    for label, run, data in finetuned_runs(config):
         args = [str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--data={data}", *config["train_args"].split()]
         out = find_run(config, run, args)
         if progress(out) is None and not (out / "ckpt.pt").exists():
@@ -318,6 +315,13 @@ def comparison(config):
             run_train(["--init_from=resume", f"--out_dir={out}"], config)
         models.append((label, str(out), limit))
     return models
+
+
+def finetuned_runs(config):
+    """The finetuned models of --compare: [(label, config/<run>.toml, data)]."""
+    runs = [("instruction-tuned", "instruction_tuning", config["instruction_data"]),
+            ("response-tuned", "response_tuning", config["response_data"])]
+    return runs + [(f"{task}-tuned", task, config["task_data"] or task) for task in config["tasks"].split()]
 
 
 def find_run(config, run, args):
@@ -705,12 +709,16 @@ def main(argv):
     limit = config["max_new_tokens"]
     if not config["compare"] and not config["models"].split():
         raise ValueError("--models is empty: name at least one model (e.g. --models='gpt2 gpt2+rules')")
+    if config["compare"]:  # what this command will write, checked before anything is trained
+        labels = [label for label, _, _ in rule_models(config["base"], limit) + finetuned_runs(config)]
+    else:
+        labels = config["models"].split()
+    outputs = {f"--out_dir's {name}": out_dir / name for name in ("results.md", "results.json", "results.png")}
+    outputs |= {f"--out_dir's {file_name(label)}.json": out_dir / f"{file_name(label)}.json" for label in labels}
+    refuse_overwriting(outputs, {"--eval_set": config["eval_set"], "--ranking_set": ranked_file})
     models = comparison(config) if config["compare"] else [(spec, spec, limit) for spec in config["models"].split()]
     for _, spec, _ in models:  # a typo or a half-trained run fails now, not after an hour of generation
         check_finished(spec)
-    outputs = {f"--out_dir's {name}": out_dir / name for name in ("results.md", "results.json", "results.png")}
-    outputs |= {f"--out_dir's {file_name(label)}.json": out_dir / f"{file_name(label)}.json" for label, _, _ in models}
-    refuse_overwriting(outputs, {"--eval_set": config["eval_set"], "--ranking_set": ranked_file})
     results, groups = {}, {}
     for label, spec, max_new_tokens in models:  # one group per model: base, base + rules and the ablations share it
         groups.setdefault(parse_model(spec)[0], []).append((label, spec, max_new_tokens))

@@ -231,6 +231,11 @@ def test_an_output_may_not_be_an_input(tmp_path):
                             f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--out_dir's gpt2.json=" in r.stderr, r.stderr
         assert "is the input" in r.stderr and answers.read_bytes() == before
+    base = tmp_path / "base.json"  # --compare writes base.json: refused before any training
+    base.write_bytes(before)
+    with pytest.raises(ValueError, match="--out_dir's base.json=.* is the input --eval_set="):
+        evaluate.main(["--compare", f"--eval_set={base}", f"--ranking_set={answers}", f"--out_dir={tmp_path}"])
+    assert not (tmp_path / "runs").exists() and base.read_bytes() == before
 
 
 def unfinished(tmp_path):
