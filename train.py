@@ -368,8 +368,6 @@ def main(argv):
             raise ValueError("--init_from=resume needs --out_dir of the run to continue")
         config["out_dir"] = str(Path("out") / Path(config["data"]).stem)
     out_dir = Path(config["out_dir"])
-    if resume and not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir / 'ckpt.pt'}: no checkpoint to resume")
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
     lock = None
     try:

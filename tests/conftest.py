@@ -220,7 +220,7 @@ def assert_same_greedy(got, want, prompt, scores, ulps=64):
     kernel may flip. After it the two continue from different prefixes and cannot be compared. A real difference
     (a wrong cache, mask or bias) moves the scores by far more, so the check fails on it; with no tie on the way,
     this is plain equality (as it is for every fixed input these tests use on the CPUs measured so far)."""
-    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    k = first_difference(got, want)
     if k is None:
         assert len(got) == len(want), (got, want)
         return
@@ -231,6 +231,11 @@ def assert_same_greedy(got, want, prompt, scores, ulps=64):
     gap = (s[want[k]] - s[got[k]]).item()
     assert abs(gap) <= tol, (f"step {k}: {got[k]} instead of {want[k]}, {gap:.3g} apart (a near-tie would be "
                              f"within {tol:.2g})", got, want)
+
+
+def first_difference(got, want):
+    """The first step where two token lists differ, or None where one is a prefix of the other."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
 
 
 def assert_same_generations(got, want, prompts, scores, ulps=64):
@@ -258,8 +263,8 @@ def last_logits(model, rule_set=None):
 def agreeing_steps(got, want):
     """How many steps every row of two batches of generations agrees for: the steps whose per-step values can be
     compared (after a near-tie, assert_same_greedy's exception, a row continues from another prefix)."""
-    firsts = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w))) for g, w in zip(got, want)]
-    return min(firsts, default=0)
+    firsts = [first_difference(g, w) for g, w in zip(got, want)]
+    return min((min(len(g), len(w)) if k is None else k for k, g, w in zip(firsts, got, want)), default=0)
 
 
 def assert_losses_close(got, want, ulps=64):
