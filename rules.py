@@ -13,9 +13,14 @@ decoding is greedy, as in the paper's evaluation. The rules score the next token
   diversity  every distinct token already present after the user tag gets -1.5, once per id: less repetition.
   uniform    15 fixed tokens always get a fixed bias: fewer "I", "What", "should", more lists and newlines.
 
+"After the user tag" and "response tokens" are counted from the LAST user and assistant tags anywhere in the
+sequence, the model's own text included, as the official code re-finds them at every step: a model that opens a
+new turn restarts the diversity rule (a new user tag) or the EOS ramp (a new assistant tag).
+
 `rule_bias` computes the scores from scratch, to be read next to the paper. `RuleState` is what the sampler
-uses: per sequence, a mask of tokens seen and a response-length counter, updated with each new token, so a
-step costs the same at token 1,000 as at token 1 and each sequence of a batch keeps its own state.
+uses: per sequence, a mask of tokens seen, a response-length counter and how much of each tag the sequence ends
+with, updated with each new token, so a step costs the same at token 1,000 as at token 1 and each sequence of a
+batch keeps its own state.
 """
 import sys
 from dataclasses import dataclass
@@ -28,7 +33,11 @@ from cli import autocast
 
 EOT = 50256  # <|endoftext|>, GPT-2's end of sequence
 VOCAB = 50257
-USER_TAG = [27, 91, 7220, 91, 29]  # "<|user|>" in GPT-2 tokens
+# The tags the rules look for: the last 5 tokens of "\n<|user|>\n" and of "\n<|assistant|>\n", as the official
+# combined_model.py (lines 180 and 183) takes them from its tokenizer. Llama-2's last 5 are "|", "user", "|", ">",
+# "\n" and "ass", "istant", "|", ">", "\n"; GPT-2's last 5 are the same strings.
+USER_TAG = [91, 7220, 91, 29, 198]  # "|user|>\n"
+ASSISTANT_TAG = [562, 10167, 91, 29, 198]  # "assistant|>\n"
 
 # The uniform rule (paper section 5, Listing 1), as the official open_instruct/combined_model.py lines 147-176
 # sets it: 15 Llama-2 token ids and their biases. Six of the code's comments misname their ids (e.g. 5618 is
@@ -64,6 +73,7 @@ class RuleSet:
     uniform: bool = True
     eos_hold: bool = False  # after 250 tokens keep the EOS bias at +15; the official code drops it back to 0
     response_only: bool = False  # penalize repeats of response tokens only; the code also covers the instruction
+    fixed_tags: bool = False  # find the tags in the prompt only; the code re-finds them in the whole sequence
     what_bias: float = -5.0  # "What": -5 in Listing 1 and the code, -3 in Table 8
 
     @property
@@ -104,23 +114,35 @@ def eos_bias(n, rule_set):
     return ramping * (15 * n / 250) + held * 15.0
 
 
-def after_user_tag(ids):
-    """Index just past the last "<|user|>" in ids (0 if there is none: raw text is all "instruction")."""
-    for i in range(len(ids) - len(USER_TAG), -1, -1):
-        if ids[i:i + len(USER_TAG)] == USER_TAG:
-            return i + len(USER_TAG)
-    return 0
+def after_tag(ids, tag):
+    """Index just past the last occurrence of `tag` in ids, None if there is none. The official code's loops over
+    the whole sequence keep the last match (combined_model.py 190-192 and 210-212)."""
+    for i in range(len(ids) - len(tag), -1, -1):
+        if ids[i:i + len(tag)] == tag:
+            return i + len(tag)
+    return None
+
+
+def rule_starts(ids, prompt_len, rule_set):
+    """(where the diversity rule starts counting, where the response starts) in ids, whose first prompt_len
+    tokens are the prompt. Officially both come from the last tags in the whole sequence; without a user tag all
+    of ids counts (raw text is all "instruction"), without an assistant tag the response starts after the prompt."""
+    if rule_set.fixed_tags:  # our earlier reading: the prompt's tags, found once
+        user_end, response_start = after_tag(ids[:prompt_len], USER_TAG) or 0, prompt_len
+    else:
+        user_end, response_start = after_tag(ids, USER_TAG) or 0, after_tag(ids, ASSISTANT_TAG) or prompt_len
+    return (response_start if rule_set.response_only else user_end), response_start
 
 
 def rule_bias(ids, prompt_len, rule_set):
     """The rule scores (vocab_size,) for the token after `ids`, a 1-D list whose first prompt_len tokens are
     the prompt: the reference computation, from scratch, one rule at a time."""
     bias = torch.zeros(VOCAB)
+    diversity_start, response_start = rule_starts(ids, prompt_len, rule_set)
     if rule_set.eos:
-        bias[EOT] += eos_bias(len(ids) - prompt_len, rule_set)
+        bias[EOT] += eos_bias(len(ids) - response_start, rule_set)  # n: tokens after the last assistant tag
     if rule_set.diversity:
-        start = prompt_len if rule_set.response_only else after_user_tag(ids[:prompt_len])
-        for token in set(ids[start:]):  # once per distinct id, however often it occurs
+        for token in set(ids[diversity_start:]):  # once per distinct id, however often it occurs
             bias[token] -= 1.5
     if rule_set.uniform:
         bias += uniform_bias(rule_set)
@@ -129,23 +151,44 @@ def rule_bias(ids, prompt_len, rule_set):
 
 # --------------------------------------------------------------------------- the rules, incrementally, batched
 
+def tag_table(tag):
+    """The tag's matching automaton as a table (Knuth-Morris-Pratt): table[s, token] is how many of the tag's
+    first tokens the sequence ends with after `token`, when before it it ended with s of them; len(tag) means the
+    sequence has just completed a tag. One lookup a token finds every tag without rescanning."""
+    table = torch.zeros(len(tag) + 1, VOCAB, dtype=torch.long)  # any token outside the tag: back to 0
+    for s in range(len(tag) + 1):
+        for token in set(tag):
+            table[s, token] = tag_progress(tag[:s] + [token], tag)
+    return table
+
+
+def tag_progress(ids, tag):
+    """How many of the tag's first tokens ids ends with (the longest such prefix; len(tag): a whole tag)."""
+    return next((k for k in range(len(tag), 0, -1) if ids[len(ids) - k:] == tag[:k]), 0)
+
+
 class RuleState:
     """The rules for a batch of sequences, kept up to date one token at a time. Called by GPT.generate at each
     step as a hook: returns the rule scores (B, vocab_size) for the next token. The rule scores
     are one (B, vocab_size) tensor changed in place: after a token only two entries per row can change, the
     token's own (the diversity rule, the first time it is seen) and <|endoftext|>'s (the EOS ramp), so a step
-    costs O(B) small writes instead of rebuilding the whole table."""
+    costs O(B) small writes instead of rebuilding the whole table. A row whose sequence completes a new tag is
+    reset (a new user tag empties its diversity rule, a new assistant tag restarts its EOS ramp), as rule_bias's
+    from-scratch search of the last tags gives."""
 
     def __init__(self, prompts, rule_set, device="cpu"):
         self.rule_set, B = rule_set, len(prompts)
-        self.n = torch.zeros(B, dtype=torch.long, device=device)  # response tokens generated so far
+        self.base = uniform_bias(rule_set).to(device) if rule_set.uniform else torch.zeros(VOCAB, device=device)
+        self.tables = [tag_table(USER_TAG).to(device), tag_table(ASSISTANT_TAG).to(device)]
+        # (B,) per tag: how much of it each sequence ends with, so a tag split by the prompt's end is still found
+        self.progress = [torch.tensor([tag_progress(p, tag) for p in prompts], dtype=torch.long, device=device)
+                         for tag in (USER_TAG, ASSISTANT_TAG)]
+        starts = [rule_starts(p, len(p), rule_set) for p in prompts]  # (diversity start, response start) per row
+        self.n = torch.tensor([len(p) - r for p, (_, r) in zip(prompts, starts)], dtype=torch.long, device=device)
         self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)  # ids the diversity rule penalizes
-        if not rule_set.response_only:
-            for b, prompt in enumerate(prompts):
-                self.seen[b, prompt[after_user_tag(prompt):]] = True
-        self.bias = torch.zeros(B, VOCAB, device=device)  # (B, V): the rule scores for the next token
-        if rule_set.uniform:
-            self.bias += uniform_bias(rule_set).to(device)  # the exercise's table
+        for b, (prompt, (start, _)) in enumerate(zip(prompts, starts)):
+            self.seen[b, prompt[start:]] = True
+        self.bias = self.base.repeat(B, 1)  # (B, V): the rule scores for the next token
         if rule_set.diversity:
             self.bias -= 1.5 * self.seen
         self.eot = self.bias[:, EOT].clone()  # (B,) <|endoftext|>'s score without the EOS ramp
@@ -157,6 +200,13 @@ class RuleState:
         if self.rule_set.eos:
             self.bias[:, EOT] = self.eot + eos_bias(self.n, self.rule_set)
 
+    def forget(self, rows):
+        """Empty the diversity rule of the rows where a new count starts (rows: (B,) bool): O(V) for each such
+        row, which happens once a new turn, not once a token."""
+        self.seen[rows] = False
+        self.bias[rows] = self.base
+        self.eot[rows] = self.base[EOT]
+
     def update(self, tokens):
         # tokens (B,): the token each sequence has just generated
         rows = torch.arange(len(tokens), device=tokens.device)
@@ -166,6 +216,13 @@ class RuleState:
             self.eot -= 1.5 * (new & (tokens == EOT))  # <|endoftext|>'s entry is rebuilt by ramp(): keep its share
         self.seen[rows, tokens] = True
         self.n += 1
+        if not self.rule_set.fixed_tags:
+            self.progress = [table[progress, tokens] for table, progress in zip(self.tables, self.progress)]
+            user, assistant = (progress == len(tag) for progress, tag in zip(self.progress, (USER_TAG, ASSISTANT_TAG)))
+            self.n.masked_fill_(assistant, 0)  # the response starts anew after the new assistant tag
+            restart = assistant if self.rule_set.response_only else user
+            if restart.any():  # a new turn: rare, so the O(V) reset is too
+                self.forget(restart)
         self.ramp()
         self.steps += 1
 

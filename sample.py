@@ -45,6 +45,8 @@ DEFAULTS = {
     "rules": ("none", "rules multiplied in: eos,diversity,uniform (a bare --rules = all), or none"),
     "eos_hold": (False, "keep the EOS bias at +15 after 250 tokens (the official code drops it to 0)"),
     "response_only": (False, "diversity rule on response tokens only (the official code includes the instruction)"),
+    "fixed_tags": (False, "the rules keep the prompt's user and assistant tags (the official code re-finds the last "
+                          "ones in the whole sequence: a turn the model opens restarts them)"),
     "what_bias": (-5.0, "uniform-rule bias on 'What' (GPT-2 id 2061; Listing 1 and the code: -5; Table 8: -3)"),
     "max_new_tokens": (1024, "stop after this many new tokens if <|endoftext|> has not come; the context (1,024 for "
                               "GPT-2) ends it too, so 1024 = until <|endoftext|>, as the official evaluation (limit 8,192)"),
@@ -63,8 +65,8 @@ RANGES = {"top_k": "[0, inf)", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)", 
 
 
 # flags that change the answers: a resumed file must have been started with the same ones
-ANSWER_FLAGS = ("init_from", "rules", "eos_hold", "response_only", "what_bias", "max_new_tokens", "greedy",
-                "temperature", "top_k", "top_p", "seed")
+ANSWER_FLAGS = ("init_from", "rules", "eos_hold", "response_only", "fixed_tags", "what_bias", "max_new_tokens",
+                "greedy", "temperature", "top_k", "top_p", "seed")
 
 
 def check_flags(config, argv):
@@ -270,7 +272,7 @@ def chat_turn(model, messages, text, config, rule_set, device, dtype):
 def main(argv):
     config = check_flags(parse_flags(DEFAULTS, argv, __doc__), argv)
     rule_set = parse_rules(config["rules"], eos_hold=config["eos_hold"], response_only=config["response_only"],
-                        what_bias=config["what_bias"])
+                           fixed_tags=config["fixed_tags"], what_bias=config["what_bias"])
     use_threads(config["threads"])
     device = pick_device(config["device"])
     dtype = pick_dtype(device, config["dtype"])

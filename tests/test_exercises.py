@@ -166,20 +166,23 @@ def test_response_only_empties_every_user_turn():
 
 
 # 5. the diversity rule ---------------------------------------------------------------------------------------
-def last_tag_end(prompt):
-    """Stated independently: just past the last USER_TAG in prompt, 0 if there is none."""
-    ends = [i + len(rules.USER_TAG) for i in range(len(prompt)) if prompt[i:i + len(rules.USER_TAG)] == rules.USER_TAG]
-    return ends[-1] if ends else 0
+def last_tag_end(ids, tag=rules.USER_TAG):
+    """Stated independently: just past the last `tag` in ids, None if there is none."""
+    ends = [i + len(tag) for i in range(len(ids)) if ids[i:i + len(tag)] == tag]
+    return ends[-1] if ends else None
 
 
 def prompts_smallest_first():
-    """(prompt, response) with 0 to 3 <|user|> tags in the prompt, shortest first; ids < 40 form no stray tag."""
+    """(prompt, response) with 0 to 3 user tags in the prompt and 0 to 2 in the response (a turn the model opens
+    itself), shortest first; ids < 40 form no stray tag."""
     rng, cases = random.Random(6), []
+
+    def text(size, tags):
+        pieces = [[rng.randrange(40) for _ in range(rng.randint(0, size))] for _ in range(rng.randint(1, tags + 1))]
+        return [t for k, piece in enumerate(pieces) for t in (rules.USER_TAG if k else []) + piece]
     for size in range(0, 12):
         for _ in range(25):
-            pieces = [[rng.randrange(40) for _ in range(rng.randint(0, size))] for _ in range(rng.randint(1, 4))]
-            prompt = [t for k, piece in enumerate(pieces) for t in (rules.USER_TAG if k else []) + piece] or [1]
-            cases.append((prompt, [rng.randrange(40) for _ in range(rng.randint(0, size))]))
+            cases.append((text(size, 3) or [1], text(size, rng.choice([0, 0, 1, 2]))))
     return sorted(cases, key=lambda c: len(c[0]) + len(c[1]))
 
 
@@ -187,17 +190,24 @@ def check_diversity_rule(rule_bias=None):
     rule_bias = rule_bias or rules.rule_bias
     only = rules.RuleSet(eos=False, uniform=False)
     for prompt, response in prompts_smallest_first():
-        ids, start = prompt + response, last_tag_end(prompt)
-        got = call(rules.after_user_tag, list(prompt), what=f"after_user_tag({prompt})")
-        assert got == start, (f"after_user_tag({prompt}) is {got}, expected {start}: the index just past the LAST "
-                              f"<|user|> tag {rules.USER_TAG} (a chat history has several), 0 if there is none.")
+        ids = prompt + response
+        start = last_tag_end(ids)
+        got = call(rules.after_tag, list(ids), rules.USER_TAG, what=f"after_tag({ids}, USER_TAG)")
+        assert (got or 0) == (start or 0), (
+            f"after_tag({ids}, USER_TAG) is {got}, expected {start}: the index just past the LAST tag "
+            f"{rules.USER_TAG} (a chat history has several, and the model may write one), None if there is none.")
+        tagged = ids + rules.ASSISTANT_TAG + ids[:3]
+        got = call(rules.after_tag, tagged, rules.ASSISTANT_TAG, what=f"after_tag({tagged}, ASSISTANT_TAG)")
+        assert got == len(ids) + len(rules.ASSISTANT_TAG), (
+            f"after_tag({tagged}, ASSISTANT_TAG) is {got}, expected {len(ids) + len(rules.ASSISTANT_TAG)}: the "
+            f"function finds whichever tag it is given (the EOS rule counts from the last ASSISTANT_TAG).")
         bias = call(rule_bias, list(ids), len(prompt), only, what=f"rule_bias({ids}, {len(prompt)}, diversity only)")
         got = {t: bias[t].item() for t in sorted(bias.nonzero().flatten().tolist())}
-        want = {t: -1.5 for t in sorted(set(ids[start:]))}
+        want = {t: -1.5 for t in sorted(set(ids[start or 0:]))}
         assert got == want, (
             f"rule_bias(ids={ids}, prompt_len={len(prompt)}, RuleSet(eos=False, uniform=False)) penalized {got}, "
-            f"expected {want}: -1.5 on each distinct id after the last <|user|> tag of the prompt (index {start}), "
-            f"once per id however often it occurs, and nothing else.")
+            f"expected {want}: -1.5 on each distinct id after the last user tag of the whole sequence (index "
+            f"{start}; the response's own tags count too), once per id however often it occurs, and nothing else.")
 
 
 def test_diversity_rule_penalizes_each_id_after_the_last_user_tag_once():
@@ -353,11 +363,11 @@ def diversity_bias(start, per_occurrence=False):
     return rule_bias
 
 
-def first_user_tag(ids):
-    for i in range(len(ids) - len(rules.USER_TAG) + 1):
-        if ids[i:i + len(rules.USER_TAG)] == rules.USER_TAG:
-            return i + len(rules.USER_TAG)
-    return 0
+def first_tag(ids, tag):
+    for i in range(len(ids) - len(tag) + 1):
+        if ids[i:i + len(tag)] == tag:
+            return i + len(tag)
+    return None
 
 
 def ranking(compare, skip_self=True, rows=None, percent=100):
@@ -415,11 +425,13 @@ WRONG = [  # (exercise, the module and name of its function, {mistake: wrong ans
                                   {"role": "assistant", "content": "Hello."}]}),
     ("diversity_rule", rules, "rule_bias", {
         "per occurrence, from the start": diversity_bias(lambda ids, p: 0, per_occurrence=True),
-        "per occurrence after the tag": diversity_bias(lambda ids, p: last_tag_end(ids[:p]), per_occurrence=True),
-        "the tag itself penalized": diversity_bias(lambda ids, p: max(0, last_tag_end(ids[:p]) - len(rules.USER_TAG))),
+        "per occurrence after the tag": diversity_bias(lambda ids, p: last_tag_end(ids) or 0, per_occurrence=True),
+        "the tag itself penalized": diversity_bias(lambda ids, p: max(0, (last_tag_end(ids) or 0) - len(rules.USER_TAG))),
+        "the prompt's tag only": diversity_bias(lambda ids, p: last_tag_end(ids[:p]) or 0),
         "the response only": diversity_bias(lambda ids, p: p),
         "hard-coded": lambda ids, p, r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([7, 8, 9]), -1.5)}),
-    ("diversity_rule", rules, "after_user_tag", {"the first user tag": first_user_tag}),
+    ("diversity_rule", rules, "after_tag", {"the first tag": first_tag,
+                                            "the prompt's user tag, whatever the tag": lambda ids, tag: last_tag_end(ids)}),
     ("ranking", evaluate, "ranking_win_rate", {
         "a tie counts as a win": ranking(lambda s, i, j: s(i, i) >= s(i, j)),
         "draws of the own response counted": ranking(lambda s, i, j: s(i, i) > s(i, j), skip_self=False),
@@ -498,7 +510,7 @@ def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
     reference = rules.RuleState([prompt], rules.RuleSet()).scores()
     monkeypatch.setattr(rules, "uniform_bias", lambda r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([42]), 3.0))
     assert reference[0, 42] == 0 and rules.RuleState([prompt], rules.RuleSet()).scores()[0, 42] == 3.0
-    monkeypatch.setattr(rules, "after_user_tag", lambda ids: 0)
+    monkeypatch.setattr(rules, "after_tag", lambda ids, tag: None)  # a student's search that finds no tag
     assert rules.RuleState([prompt], rules.RuleSet()).scores()[0, 5] == -1.5
 
 

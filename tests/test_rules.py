@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 import chat
 from model import GPT
-from rules import DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, after_user_tag, UNIFORM, USER_TAG, VOCAB, RuleState, RuleSet, eos_bias, parse_rules, product_of_experts, rule_bias
+from rules import (ASSISTANT_TAG, DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, UNIFORM, USER_TAG, VOCAB,
+                   RuleState, RuleSet, after_tag, eos_bias, parse_rules, product_of_experts, rule_bias)
 
 
 
@@ -40,8 +41,8 @@ def test_diversity_rule_penalizes_distinct_ids_after_the_user_tag_once():
     ids = chat.encode_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                               {"role": "user", "content": "Bye"}])
     bias = rule_bias(ids, len(ids), DIVERSITY_ONLY)
-    start = after_user_tag(ids)
-    assert chat.tokenizer().decode(ids[start:]) == "\nBye\n<|assistant|>\n"
+    start = after_tag(ids, USER_TAG)
+    assert chat.tokenizer().decode(ids[start:]) == "Bye\n<|assistant|>\n"
     assert set(bias.nonzero().flatten().tolist()) == set(ids[start:])
 
 
@@ -86,23 +87,93 @@ def test_parse_rules():
         parse_rules("eos,speed")
 
 
+def test_the_tags_are_the_last_five_tokens_the_official_code_takes():
+    # combined_model.py 180 and 183: tokenizer(f'\n{TAG}\n')['input_ids'][-5:]; Llama-2's are "|user|>\n" and
+    # "assistant|>\n" ([29989, 1792, 29989, 29958, 13] and [465, 22137, 29989, 29958, 13]): GPT-2's, the same strings
+    assert chat.encode("\n<|user|>\n")[-5:] == USER_TAG and chat.tokenizer().decode(USER_TAG) == "|user|>\n"
+    assert chat.encode("\n<|assistant|>\n")[-5:] == ASSISTANT_TAG
+    assert chat.tokenizer().decode(ASSISTANT_TAG) == "assistant|>\n"
+
+
+def official_rules(ids, rule_set):
+    """combined_model.py 140-235 (InsTunerModel.forward, batch 1, the "start" rule off), transcribed line for line
+    with GPT-2's ids: the rule scores for the token after ids. Written apart from rules.py, loops and all."""
+    output = torch.zeros(VOCAB)
+    if rule_set.uniform:
+        for _, _, _, gpt2, bias in UNIFORM:
+            output[gpt2] = bias
+    first_token_index = None
+    for i in range(len(ids)):  # every match: the last one wins
+        if ids[i:i + 5] == USER_TAG:
+            first_token_index = i + 5
+    if rule_set.diversity:
+        uniq_words = set()
+        for i in range(len(ids)):
+            if i < first_token_index:  # the official code raises here without a user tag: so do we
+                continue
+            uniq_words.add(ids[i])
+        for w in uniq_words:
+            output[w] -= 1.5
+    prefix_len = len(ids)
+    for i in range(len(ids)):
+        if ids[i:i + 5] == ASSISTANT_TAG:
+            prompt_len = i + 5
+    prefix_len = prefix_len - prompt_len
+    if rule_set.eos and 0 < prefix_len < 250:
+        score = max(0, 5 * (prefix_len - 0) / (250 - 0))
+        output[EOT] += score * 3
+    return output
+
+
+def test_generated_tags_restart_the_rules_as_in_the_official_code():
+    prompt = chat.encode_prompt("Name a fruit.")
+    said = chat.encode("Apple. Apple.")
+    turn = chat.encode("\n<|user|>\nName a color.\n")
+    answer = chat.encode("<|assistant|>\nRed red")
+    user_end = len(prompt) + len(said) + chat.encode("\n<|user|>\n").__len__()
+    ids = prompt + said + turn + answer
+    assert after_tag(ids, USER_TAG) == user_end and after_tag(ids, ASSISTANT_TAG) == len(ids) - len(chat.encode("Red red"))
+    for t in range(len(prompt), len(ids) + 1):  # every step, through both new tags
+        assert_close(rule_bias(ids[:t], len(prompt), RuleSet()), official_rules(ids[:t], RuleSet()))
+    bias = rule_bias(ids, len(prompt), RuleSet(uniform=False))
+    # the diversity rule counts from the model's own user tag: "Apple" and the first instruction are forgotten
+    assert set(bias.nonzero().flatten().tolist()) - {EOT} == set(ids[user_end:])
+    assert bias[chat.encode("Apple")[0]] == 0
+    # and the EOS ramp restarted at the model's own assistant tag: n = 2 ("Red", " red"), +15 * 2 / 250
+    assert_close(bias[EOT], torch.tensor(15 * 2 / 250 - 1.5 * (EOT in ids[user_end:])))
+    # the earlier reading, which kept the prompt's tags, gives n = 17 and the whole instruction
+    fixed = rule_bias(ids, len(prompt), RuleSet(uniform=False, fixed_tags=True))
+    assert_close(fixed[EOT], torch.tensor(15 * (len(ids) - len(prompt)) / 250))
+    assert fixed[chat.encode("Apple")[0]] == -1.5
+
+
 token = st.integers(0, VOCAB - 1)
+# the model's text: small ids (many repeats), whole tags, and tags cut short (a partial match that fails)
+piece = st.one_of(st.lists(st.integers(0, 60), min_size=1, max_size=8),
+                  st.sampled_from([USER_TAG, ASSISTANT_TAG, USER_TAG[:3], ASSISTANT_TAG[:4], USER_TAG[:1] + USER_TAG]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(before=st.lists(token, max_size=5), instruction=st.lists(token, max_size=20), with_tag=st.booleans(),
-       response=st.lists(st.integers(0, 60), min_size=1, max_size=300),  # small ids: many repeats
+       pieces=st.lists(piece, min_size=1, max_size=40), cut=st.integers(0, 3),
        options=st.fixed_dictionaries({"eos": st.booleans(), "diversity": st.booleans(), "uniform": st.booleans(),
-                                      "eos_hold": st.booleans(), "response_only": st.booleans()}))
-def test_incremental_state_equals_the_reference_at_every_step(before, instruction, with_tag, response, options):
+                                      "eos_hold": st.booleans(), "response_only": st.booleans(),
+                                      "fixed_tags": st.booleans()}))
+def test_incremental_state_equals_the_reference_at_every_step(before, instruction, with_tag, pieces, cut, options):
     rules = RuleSet(**options)
-    prompt = before + (USER_TAG if with_tag else []) + instruction or [5]
+    # the prompt may end inside a tag (cut tokens of the assistant tag go to the response) or hold none
+    prompt = before + (USER_TAG if with_tag else []) + instruction + ASSISTANT_TAG[:len(ASSISTANT_TAG) - cut]
+    response = ASSISTANT_TAG[len(ASSISTANT_TAG) - cut:] + [t for p in pieces for t in p]
+    official = not (rules.fixed_tags or rules.response_only or rules.eos_hold)
     state = RuleState([prompt], rules)
     generated = torch.empty((1, 0), dtype=torch.long)
     for t in range(len(response) + 1):
         ours = state(torch.zeros(1, VOCAB), generated)[0]
         reference = rule_bias(prompt + response[:t], len(prompt), rules)
         assert_close(ours, reference)
+        ids = prompt + response[:t]
+        if official and after_tag(ids, USER_TAG) and after_tag(ids, ASSISTANT_TAG):  # where the official code runs
+            assert_close(reference, official_rules(ids, rules))
         if t < len(response):
             generated = torch.cat([generated, torch.tensor([[response[t]]])], dim=1)
 
@@ -110,8 +181,9 @@ def test_incremental_state_equals_the_reference_at_every_step(before, instructio
 def test_batched_state_keeps_one_state_per_sequence():
     prompts = [USER_TAG + [10, 11], [3, 4, 5] + USER_TAG + [12], [7]]
     state = RuleState(prompts, RuleSet())
-    steps = torch.tensor([[13, 14, 15], [16, 16, 10], [17, 7, 7]])
-    for t in range(4):
+    # row 0 opens a new response, row 1 a new user turn, row 2 neither: each resets its own row alone
+    steps = torch.tensor([[13, *ASSISTANT_TAG, 14, 15], [16, *USER_TAG, 16, 10], [17, 7, 7, 7, 7, 7, 7, 7]])
+    for t in range(steps.size(1) + 1):
         batch = state(torch.zeros(3, VOCAB), steps[:, :t])
         for b, p in enumerate(prompts):
             reference = rule_bias(p + steps[b, :t].tolist(), len(p), RuleSet())

@@ -26,7 +26,7 @@ import world  # noqa: E402
 BASES = sorted((ROOT / "data" / "tinyworld" / "bases").glob("seed*"))
 # a vocabulary of every id the chat format, the rules and a few world answers use, in a scrambled order
 IDS = sorted({*chat.encode_prompt("What colour is a blorp?"), *chat.encode(" blue red green"), EOT,
-              *(row[3] for row in rules.UNIFORM), *rules.USER_TAG}, key=lambda i: (i * 7919) % 50257)
+              *(row[3] for row in rules.UNIFORM), *rules.USER_TAG, *rules.ASSISTANT_TAG}, key=lambda i: (i * 7919) % 50257)
 
 
 def restricted(seed=0, block_size=64):

@@ -193,7 +193,7 @@ def test_prepare_is_deterministic_and_its_vocab_covers_every_file(tmp_path):
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     vocab = json.loads((tmp_path / "a" / "vocab.json").read_text())
     assert vocab == sorted(set(vocab))
-    needed = {rules.EOT, *rules.USER_TAG, *(row[3] for row in rules.UNIFORM)}
+    needed = {rules.EOT, *rules.USER_TAG, *rules.ASSISTANT_TAG, *(row[3] for row in rules.UNIFORM)}
     for path in (tmp_path / "a").glob("*.jsonl"):
         for row in read_jsonl(path):
             if "text" in row:
