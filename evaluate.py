@@ -6,6 +6,7 @@ Measure instruction following offline, without an API judge, and write files for
     python evaluate.py --compare --base=gpt2-medium --eval_set=data/alpaca_eval/alpaca_eval.jsonl
     python evaluate.py --similarity                # after --compare: the single-task models' response similarity
     python evaluate.py --tinyworld                 # TinyWorld: every method, 3 seeds, judged exactly, on a CPU
+    python evaluate.py --epoch_sweep=response_tuning --eval_set=val.jsonl   # pick a run's epochs (docs/epochs.md)
 
 A model is a GPT-2 name, an HF directory or .safetensors file, or a train.py out_dir, optionally followed by
 `+rules` (all three rules) or `+rules=eos,uniform` (a subset). For each model this prints and writes:
@@ -31,6 +32,12 @@ checked exactly: for each of --seeds, the shipped pretrained base (or one pretra
 rule models, and the instruction-, response- and poem-tuned models (finetuned now by train.py), each judged on
 the world's test (or dev) set: correct % on the held-out and finetuned families, stop %, ranking %; mean ± sd
 over seeds in out/tinyworld/results.{md,json,png}, every model's answers in out/tinyworld/seed<N>/.
+
+--epoch_sweep=NAME picks a run's epochs as the official scripts did (finetune_{5,7,10,15,20}e.sh: each count
+trained, then judged on the 56 instructions of eval/val_eval/val.jsonl), without their GPT-4 judge: it trains
+config/NAME.toml from --base at each of --epoch_counts, a run of its own per count, and reports each one's final
+validation loss and the proxies above on --eval_set, in out/epochs/NAME/results.{md,json,png}, with each count's
+answers in AlpacaEval's format (NAME-<N>e.json) for the judge, if you have one.
 """
 import hashlib
 import json
@@ -64,16 +71,18 @@ DEFAULTS = {
     "models": ("gpt2 gpt2+rules", "models to evaluate, separated by spaces (NAME, NAME+rules, NAME+rules=eos,...)"),
     "compare": (False, "evaluate the paper's whole comparison at --base instead of --models"),
     "similarity": (False, "after --compare: the response-similarity analysis of its single-task models (section 5.2)"),
-    "base": ("gpt2", "with --compare: the pretrained model every method starts from"),
+    "base": ("gpt2", "with --compare or --epoch_sweep: the pretrained model every method starts from"),
     "instruction_data": ("lima", "with --compare: data of the instruction-tuned baseline"),
     "response_data": ("lima_responses", "with --compare: data of the response-tuned model"),
     "tasks": ("gsm8k mbpp recipes chess poetry", "with --compare: the single-task models, each trained by config/<task>.toml"),
     "task_data": ("", "with --compare: train every single-task model on this data instead (smoke runs)"),
-    "train_args": ("", "with --compare: extra train.py flags for models it has to train, e.g. '--max_iters=5'"),
+    "train_args": ("", "with --compare or --epoch_sweep: extra train.py flags for models it has to train, e.g. "
+                       "'--max_iters=5'"),
     "eval_set": ("data/eval/eval.jsonl", "instructions to answer (with 'reference' answers for NLL): JSONL or JSON"),
     "ranking_set": ("", "instructions with references to rank: by default the paper's 1,000 Stanford Alpaca "
                         "examples with --compare (data/alpaca, prepared on first use), --eval_set with --models"),
-    "out_dir": ("out/eval", "where results and AlpacaEval files go; --compare also trains into out/"),
+    "out_dir": ("out/eval", "where results and AlpacaEval files go; --compare also trains into out/; "
+                            "--epoch_sweep: out/epochs/<name> unless given, its runs in runs/ there"),
     "max_new_tokens": (1024, "generation limit; 1024 = until <|endoftext|> or the end of GPT-2's context, as the "
                              "official evaluation (limit 8,192); --compare gives the no-EOS-rule model 512, as it does"),
     "batch_size": (8, "prompts generated, or responses scored, together"),
@@ -87,6 +96,10 @@ DEFAULTS = {
                             "instead of starting from the shipped ones"),
     "lr_sweep": ("", "with --tinyworld: response-tuning learning rates to try instead of the table, e.g. "
                      "'3e-5 1e-4 3e-4 1e-3' (lr_sweep.png)"),
+    "epoch_sweep": ("", "a run, config/<name>.toml, to train at each of --epoch_counts and measure on --eval_set: "
+                        "how the official scripts picked its epochs, without their judge (docs/epochs.md)"),
+    "epoch_counts": ("5 7 10 15 20", "with --epoch_sweep: the epochs to try, each a run of its own (the official "
+                                     "finetune_{5,7,10,15,20}e.sh)"),
     **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
 RANGES = {"max_new_tokens": "[1, inf)", "batch_size": "[1, inf)", "negatives": "[1, inf)", "seed": "[0, 1e18]",
@@ -481,6 +494,180 @@ def similarity(config, device, dtype):
     print(f"wrote {out_dir}/similarity.json and similarity-<task>.png", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- the epoch sweep (validation)
+
+# The official scripts pick each run's epochs per base model: finetune_{5,7,10,15,20}e.sh train it at
+# each count and judge each model's answers to eval/val_eval/val.jsonl with AlpacaEval
+# (weighted_alpaca_eval_gpt4_turbo) against GPT-3.5's (val-gpt3.5-2.json); the best count goes into
+# finetune_seed*.sh (official README, "Response Tuning"). Offline we have no judge: the sweep reports
+# what can be measured without one.
+JUDGE_NOTE = ("Not the official judge: the official pick "
+              "(scripts/iclr2025/*/finetune_{{5,7,10,15,20}}e.sh) judged each count's answers to "
+              "eval/val_eval/val.jsonl with AlpacaEval's GPT-4 annotator against GPT-3.5's answers. "
+              "These are offline proxies; with an OpenAI key, judge the counts as it did: "
+              "alpaca_eval --model_outputs {out}/{name}-<N>e.json "
+              "--reference_outputs <official repo>/eval/val_eval/val-gpt3.5-2.json")
+EPOCH_PANELS = [("val_loss", "final val loss"), ("stop", "stop %"), ("length", "length (tokens)"),
+                ("repeat", "repeated 4-grams %"), ("breaks", "format breaks %"), ("nll", "ref NLL")]
+
+
+def sweep_plan(config):
+    """(name, [epochs]) of --epoch_sweep and --epoch_counts, checked: a run of config/, positive
+    counts, each once; --train_args may not set the epochs (the counts do)."""
+    for flag in ("compare", "similarity", "tinyworld"):
+        if config[flag]:
+            raise ValueError(f"--epoch_sweep with --{flag}: choose one")
+    name = config["epoch_sweep"]
+    known = sorted(path.stem for path in (ROOT / "config").glob("*.toml"))
+    if name not in known:
+        raise ValueError(f"--epoch_sweep={name}: no such run; expected one of config/*.toml: "
+                         f"{', '.join(known)}")
+    counts = numbers(config, "epoch_counts", float)
+    if not counts:
+        raise ValueError("--epoch_counts is empty: name at least one count, e.g. "
+                         "--epoch_counts='5 7 10 15 20'")
+    if not all(0 < epochs < float("inf") for epochs in counts):
+        raise ValueError(f"--epoch_counts={config['epoch_counts']!r}: expected counts above 0")
+    if len(set(counts)) < len(counts):
+        raise ValueError(f"--epoch_counts={config['epoch_counts']!r}: a count twice (each count is "
+                         f"one run)")
+    if any(arg.startswith("--epochs") for arg in config["train_args"].split()):
+        raise ValueError(f"--train_args={config['train_args']!r}: sets --epochs, which "
+                         f"--epoch_counts sets here")
+    return name, counts
+
+
+def sweep_args(config, name, epochs):
+    """train.py's arguments for config/<name>.toml at `epochs` from --base. Each count is a run of its
+    own: the learning rate decays linearly to 0 at a run's last step (train.get_lr, open-instruct's
+    linear schedule), so the first 5 epochs of a 20-epoch run are not a 5-epoch run. The official
+    scripts train each count separately too (scripts/iclr2025/expt1_llama/res/finetune_5e.sh ...
+    finetune_20e.sh, each with its own --num_train_epochs)."""
+    toml = str(ROOT / "config" / f"{name}.toml")
+    extra = config["train_args"].split()
+    return [toml, f"--init_from={config['base']}", *extra, f"--epochs={epochs!r}"]
+
+
+def train_if_missing(label, args, out, config):
+    """Train `train.py ARGS` into `out` if nothing is there, finish it if it was stopped, keep it if
+    it is done (as comparison() does for the runs of --compare)."""
+    if progress(out) is None and not (out / "ckpt.pt").exists():
+        print(f"training {label} into {out}", file=sys.stderr)
+        run_train([*args, f"--out_dir={out}"], config)
+    elif why := unfinished(out):  # a stopped run is finished first, never measured half-trained
+        print(f"resuming {out}: {why}", file=sys.stderr)
+        run_train(["--init_from=resume", f"--out_dir={out}"], config)
+    else:
+        print(f"reusing {out} ({label}, finished)", file=sys.stderr)
+
+
+def final_val_loss(out):
+    """The validation loss at a run's last step: train.py logs one at every eval_interval and at the
+    final step (train.train, into log.jsonl). None if its data has no val split."""
+    path = Path(out) / "log.jsonl"
+    if not path.is_file():
+        return None
+    rows = [row for _, row in chat.json_lines(*chat.read_bytes(path))]
+    losses = [row["val_loss"] for row in rows if "val_loss" in row]
+    return losses[-1] if losses else None
+
+
+def epochs_markdown(results, title):
+    lines = [title, "",
+             "| epochs | steps | final val loss | stop % | length | repeat % | breaks % | ref NLL |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for label, m in results.items():
+        lines.append(f"| {label} | {m['steps']} | {fmt(m['val_loss'], '.4f')} | {m['stop']:.0f} | "
+                     f"{m['length']:.0f} | {m['repeat']:.1f} | {m['breaks']:.0f} | "
+                     f"{fmt(m.get('nll'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def epochs_chart(results, path, title):
+    """Each measurement against the epoch count, a panel each (those measured: no val loss without a
+    val split, no ref NLL without references)."""
+    plt = pyplot(path)
+    if plt is None:
+        return
+    panels = [(key, name) for key, name in EPOCH_PANELS
+              if any(m.get(key) is not None for m in results.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3))
+    for ax, (key, name) in zip(axes, panels):
+        points = [(m["epochs"], m[key]) for m in results.values() if m.get(key) is not None]
+        epochs = [x for x, _ in points]
+        ax.plot(epochs, [y for _, y in points], "o-", color="tab:blue")
+        ax.set(xlabel="epochs", xticks=epochs)
+        ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, not offsets from one
+        if name.endswith("%"):
+            ax.set(ylim=(-2, 102))
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def epoch_sweep(config, device, dtype):
+    """python evaluate.py --epoch_sweep=NAME: config/NAME.toml trained from --base at each of
+    --epoch_counts, and each run measured: its final val loss, and the proxies of its greedy answers to
+    --eval_set. A finished run of the same settings is reused (find_run: the config's own out_dir too),
+    a stopped one finished, one of other settings refused. Writes results.{md,json,png} and
+    NAME-<N>e.json (AlpacaEval's format) into --out_dir (default out/epochs/NAME)."""
+    # 1) every flag, the eval set and every run's directory, checked before anything is written
+    name, counts = sweep_plan(config)
+    if config["out_dir"] == DEFAULTS["out_dir"][0]:
+        config = {**config, "out_dir": f"out/epochs/{name}"}
+    out_dir = Path(config["out_dir"])
+    settings = train_settings(sweep_args(config, name, counts[0]))  # a bad --train_args: one line
+    if settings["max_iters"]:
+        raise ValueError(f"--epoch_sweep={name}: config/{name}.toml or --train_args sets max_iters="
+                         f"{settings['max_iters']}, which fixes the steps whatever the epochs; add "
+                         f"--max_iters=0 to --train_args")
+    eval_set = Path(config["eval_set"])
+    if not eval_set.is_absolute() and eval_set.parent.parent == Path("data"):  # as main() does
+        chat.prepare_data(eval_set.parent.name, ROOT / eval_set)
+    rows = chat.read_instructions(config["eval_set"])
+    labels = [f"{epochs:g}" for epochs in counts]
+    files = ["results.md", "results.json", "results.png"]
+    files += [f"{name}-{label}e.json" for label in labels]
+    refuse_overwriting({f"--out_dir's {file}": out_dir / file for file in files},
+                       {"--eval_set": config["eval_set"]})
+    args = {label: sweep_args(config, name, epochs) for label, epochs in zip(labels, counts)}
+    runs = {label: find_run(config, name, args[label]) for label in labels}  # other settings: refused
+
+    # 2) train every count missing, a run each (sweep_args says why)
+    for label in labels:
+        train_if_missing(f"{name} at {label} epochs", args[label], runs[label], config)
+
+    # 3) measure every run; each count's answers are kept as it ends
+    results = {}
+    for label, epochs in zip(labels, counts):
+        spec = str(runs[label])
+        specs = [(spec, config["max_new_tokens"])]
+        [(metrics, alpaca)] = evaluate_models(spec, specs, rows, [], config, device, dtype)
+        steps = progress(runs[label])["max_iters"]
+        results[label] = {"epochs": epochs, "run": spec, "steps": steps,
+                          "val_loss": final_val_loss(runs[label]), **metrics}
+        answers = json.dumps(alpaca, indent=2, ensure_ascii=False)
+        chat.write_atomic(out_dir / f"{name}-{label}e.json", answers)
+
+    # 4) the table, the note on the judge, the files
+    title = (f"{name} from {config['base']} at each epoch count: greedy answers to "
+             f"{config['eval_set']} ({len(rows)} instructions)")
+    table = epochs_markdown(results, title)
+    note = JUDGE_NOTE.format(out=out_dir, name=name)
+    print(table)
+    print(f"\n{note}")
+    chat.write_atomic(out_dir / "results.md", f"{table}\n\n{note}\n")
+    summary = {"run": name, "base": config["base"], "train_args": config["train_args"],
+               "eval_set": config["eval_set"], "judge": note, "results": results}
+    chat.write_atomic(out_dir / "results.json", json.dumps(summary, indent=2))
+    epochs_chart(results, out_dir / "results.png", f"{name} from {config['base']}")
+    print(f"wrote {out_dir}/results.md, results.json, results.png and {name}-<N>e.json per count",
+          file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- TinyWorld: the exact judge
 
 WORLD_LIMIT = 64  # new tokens per answer: every reference answer is far shorter
@@ -696,6 +883,8 @@ def main(argv):
     device = pick_device(config["device"])
     dtype = pick_dtype(device, config["dtype"])
     out_dir = Path(config["out_dir"])
+    if config["epoch_sweep"]:
+        return epoch_sweep(config, device, dtype)
     if config["similarity"]:
         return similarity(config, device, dtype)
     if config["tinyworld"]:
