@@ -8,12 +8,15 @@ One turn (paper section 3, Figure 1):
 
     <|user|>\\n{instruction}\\n<|assistant|>\\n{response}<|endoftext|>
 
-Turns are joined with "\\n"; a system message, if any, is `<|system|>\\n{content}\\n`; every content is
-stripped of surrounding whitespace (all three as in open-instruct, whose Tulu format the paper's code uses).
-The tags are plain text to GPT-2, not special tokens; the only special token is <|endoftext|> (id 50256),
-which ends every response. Each assistant response and the <|endoftext|> after it are trained (mask 1);
-tags, instructions and joins are masked (0). Response tuning
-(section 3) is this same format with every user content empty: `<|user|>\\n\\n<|assistant|>\\n{response}`.
+Every message ends in "\\n", except a response that ends the conversation; a system message, if any, is
+`<|system|>\\n{content}\\n`; every content is stripped of surrounding whitespace (all three as in open-instruct,
+whose Tulu format the paper's code uses). The tags are plain text to GPT-2, not special tokens; the only special
+token is <|endoftext|> (id 50256), which ends every response. The loss mask is open-instruct's (finetune.py
+361-381): each system and user message is masked (0), and so is an assistant tag right after one; everything
+else is trained (1): each response, its <|endoftext|>, the "\\n" after that when another message follows, and
+an assistant tag that follows a response or opens the conversation.
+Response tuning (section 3) is this same format with every user content empty:
+`<|user|>\\n\\n<|assistant|>\\n{response}`.
 
 Tokenization is done piece by piece, cut where the mask changes, so a mask boundary is always a token
 boundary and a generation prompt encodes to exactly the tokens the model was trained to continue.
@@ -59,38 +62,57 @@ def decode(ids):
 
 
 def _pieces(messages):
-    # (text or EOT, trained) in order, adjacent untrained texts merged so that they are encoded together
+    # (text or EOT, trained) in order. The mask is open-instruct's (finetune.py 361-381): a system or user
+    # message is masked from its tag to its closing "\n", and so is the assistant tag when a response follows
+    # it; everything else trains, the "\n" after <|endoftext|> included (it is part of the response's message).
     pieces = []
     for i, message in enumerate(messages):
-        # contents are stripped, as the paper's code (open-instruct's format) does: 327 of LIMA's 2,168 turns
-        # end in whitespace, which would otherwise be learned right before <|endoftext|>
-        role, content = message["role"], message["content"].strip()
+        role = message["role"]
         if not isinstance(role, str) or role not in ROLES:  # a list or dict is unhashable: `in` would raise TypeError
             raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
-        join = "\n" if i > 0 and messages[i - 1]["role"] == "assistant" else ""  # after <|endoftext|>
-        if role == "assistant":
-            pieces += [(join + ROLES[role], False), (content, True), (EOT, True)]
-        else:
-            pieces += [(join + ROLES[role] + content + "\n", False)]
+        # stripped as finetune.py 342-347 does: 327 of LIMA's 2,168 turns end in whitespace, which would
+        # otherwise be learned right before <|endoftext|>
+        content = message["content"].strip()
+        if role != "assistant":
+            pieces.append((ROLES[role] + content + "\n", False))
+            continue
+        after_input = i > 0 and messages[i - 1]["role"] != "assistant"
+        pieces += [(ROLES[role], not after_input), (content, True), (EOT, True)]
+        if i < len(messages) - 1:
+            # the official text is .strip()ped (finetune.py 352): no "\n" after the last response. A conversation
+            # that ends in a user or system message keeps that message's last "\n": untrained, it changes no loss
+            pieces.append(("\n", True))
+    # adjacent texts of the same kind are encoded together, as the official encodes its whole text: an empty
+    # instruction's "<|user|>\n\n" alone ends in the one token "\n\n", where "\n\n<|assistant|>" has "\n" twice
     merged = []
     for text, trained in pieces:
-        if merged and not trained and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
+        if merged and text != EOT and merged[-1][0] != EOT and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
         else:
             merged.append((text, trained))
     return merged
 
 
-def encode_chat(messages):
-    """Token ids and loss mask of a conversation [{"role": ..., "content": ...}, ...].
-
-    mask[t] is 1 where token t is part of an assistant response or the <|endoftext|> closing it."""
+def _encode(pieces):
+    # token ids and mask of _pieces: every cut falls between two GPT-2 pre-tokens ("\n" before "<|", a tag's
+    # "\n" before a stripped response, <|endoftext|>), so the ids are those of the whole text
     ids, mask = [], []
-    for text, trained in _pieces(messages):
-        tokens = [EOT] if text == EOT else encode(text)
+    for text, trained in pieces:
+        if text == EOT:
+            tokens = [EOT]
+        else:
+            tokens = encode(text)
         ids += tokens
         mask += [int(trained)] * len(tokens)
     return ids, mask
+
+
+def encode_chat(messages):
+    """Token ids and loss mask of a conversation [{"role": ..., "content": ...}, ...], for training.
+
+    mask[t] is 1 where token t is trained: a response, its <|endoftext|> and what follows up to the next system
+    or user message (open-instruct's mask; module docstring)."""
+    return _encode(_pieces(messages))
 
 
 def encode_prompt(instruction_or_messages):

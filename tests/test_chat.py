@@ -1,4 +1,6 @@
 """The chat format and its loss mask (chat.py)."""
+import itertools
+
 import pytest
 import torch
 from conftest import assert_close
@@ -27,10 +29,13 @@ def test_multi_turn_text_and_mask():
     assert len(ids) == len(mask)
     assert tokenizer().decode(ids) == TEXT
     trained = [t for t, m in zip(ids, mask) if m]
-    assert trained == encode("4.") + [EOT] + encode("It is 12.") + [EOT]
-    # every masked token is outside the responses: tags, instructions and the "\n" joining turns
+    # the "\n" after the first <|endoftext|> is the first response's (finetune.py 361-381 masks only the spans of
+    # the user turns, each from its own tag on)
+    assert trained == encode("4.") + [EOT] + encode("\n") + encode("It is 12.") + [EOT]
+    assert ids[ids.index(EOT) + 1] == 198 and mask[ids.index(EOT) + 1] == 1
+    # every masked token is outside the responses: user turns and the assistant tags right after them
     assert tokenizer().decode([t for t, m in zip(ids, mask) if not m]) == \
-        "<|user|>\nWhat is 2+2?\n<|assistant|>\n\n<|user|>\nAnd times 3?\n<|assistant|>\n"
+        "<|user|>\nWhat is 2+2?\n<|assistant|>\n<|user|>\nAnd times 3?\n<|assistant|>\n"
 
 
 def test_system_message_is_masked():
@@ -90,9 +95,90 @@ def test_any_conversation_round_trips(turns):
     ids, mask = encode_chat(messages)
     expected = "\n".join(f"<|user|>\n{q.strip()}\n<|assistant|>\n{a.strip()}<|endoftext|>" for q, a in turns)
     assert tokenizer().decode(ids) == expected
-    assert ids.count(EOT) == len(turns) and sum(mask) == sum(len(encode(a.strip())) + 1 for _, a in turns)
+    assert ids.count(EOT) == len(turns)
+    joins = len(turns) - 1  # the "\n" after each <|endoftext|> but the last is trained too
+    assert sum(mask) == sum(len(encode(a.strip())) + 1 for _, a in turns) + joins
     prompt = encode_prompt(messages[:-1])
     # the prompt is the training prefix up to the last response, which is all that is trained after it
     assert ids[:len(prompt)] == prompt and sum(mask[len(prompt):]) == len(mask) - len(prompt) == len(encode(turns[-1][1].strip())) + 1
     targets = targets_from_mask(ids, mask)
     assert [t for t in targets if t != -1] == [t for t, m in zip(ids[1:], mask[1:]) if m]
+
+
+# open-instruct's training mask, written out as the official code computes it ----------------------------------
+
+def official_text(messages):
+    """_concat_messages (finetune.py 339-350)."""
+    text = ""
+    for m in messages:
+        text += f"<|{m['role']}|>\n{m['content'].strip()}"
+        if m["role"] == "assistant":
+            text += "<|endoftext|>"
+        text += "\n"
+    return text
+
+
+def official_tokenize(text):
+    return tokenizer().encode(text, allowed_special={"<|endoftext|>"})  # HF's tokenizer reads its eos_token so
+
+
+def official_labels(messages):
+    """(ids, mask) of encode_with_messages_format (finetune.py 330-391) with GPT-2's tokenizer: labels are -100
+    (mask 0) over each non-assistant message, from the length of the tokens before it to the length of the tokens
+    through it (and through the assistant tag when a response follows); all else trains."""
+    ids = official_tokenize(official_text(messages).strip())
+    mask = [1] * len(ids)
+    for idx, message in enumerate(messages):
+        if message["role"] == "assistant":
+            continue
+        start = 0
+        if idx > 0:
+            start = len(official_tokenize(official_text(messages[:idx])))
+        so_far = official_text(messages[:idx + 1])
+        if idx < len(messages) - 1 and messages[idx + 1]["role"] == "assistant":
+            so_far += "<|assistant|>\n"
+        end = len(official_tokenize(so_far))
+        for t in range(start, min(end, len(ids))):
+            mask[t] = 0
+    return ids, mask
+
+
+def test_two_turns_train_the_newline_after_the_first_endoftext():
+    ids, mask = encode_chat(CONVERSATION)
+    assert (ids, mask) == official_labels(CONVERSATION)
+    first = ids.index(EOT)
+    assert ids[first + 1] == 198 and mask[first + 1] == 1  # "\n": the first response's, before the user's tag
+    assert mask[first + 2] == 0  # "<|"
+
+
+# contents that stress the cuts: empty, whitespace around, tags and newlines inside; <|endoftext|> typed as text
+# is left out, since HF's tokenizer reads it as the special token (our departure, tested above)
+fragments = st.sampled_from(["", " ", "\n", "\n\n", "\t", "<|user|>", "<|assistant|>\n", "<", "|>", "'s", "x"])
+content = st.lists(st.one_of(fragments, text), max_size=4).map("".join)
+content = content.filter(lambda c: "<|endoftext|>" not in c)
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": content})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(message, min_size=1, max_size=6))
+def test_mask_is_open_instructs(messages):
+    ids, mask = encode_chat(messages)
+    ref_ids, ref_mask = official_labels(messages)
+    # the official strips its whole text: a last user or system message loses its trailing whitespace, which we
+    # keep, untrained (it is never a target, so the loss is the same)
+    assert ids[:len(ref_ids)] == ref_ids and mask[:len(ref_ids)] == ref_mask
+    assert not any(mask[len(ref_ids):])
+    if messages[-1]["role"] == "assistant":
+        assert len(ids) == len(ref_ids)
+
+
+def test_mask_is_open_instructs_for_every_order_of_roles():
+    roles = ["system", "user", "assistant"]
+    for n in range(1, 5):
+        for order in itertools.product(roles, repeat=n):
+            for contents in (["Hi there."] * n, [""] * n, [" a\n"] * n):
+                messages = [{"role": r, "content": c} for r, c in zip(order, contents)]
+                ids, mask = encode_chat(messages)
+                ref_ids, ref_mask = official_labels(messages)
+                assert ids[:len(ref_ids)] == ref_ids and mask[:len(ref_ids)] == ref_mask, messages
+                assert not any(mask[len(ref_ids):]), messages

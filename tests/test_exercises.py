@@ -118,14 +118,19 @@ def check_loss_targets(targets_from_mask=None):
             f"targets_from_mask(ids={ids}, mask={mask}) is {list(got)}, expected {want}. Position t predicts "
             f"token t + 1: targets[t] = ids[t + 1] where mask[t + 1] is 1, and -1 everywhere else, the last position "
             f"included; one target per position.")
-    rng = random.Random(4)  # and on real conversations: the trained targets are the responses and their <|endoftext|>
+    rng = random.Random(4)  # and on real conversations: the trained targets are the responses and what ends them
     for turns in range(1, 5):
         messages = [m for k in range(turns) for m in ({"role": "user", "content": f"Question {k}?"},
                                                       {"role": "assistant", "content": rng.choice(["Yes.", "No way!", "42"])})]
         ids, mask = chat.encode_chat(messages)
         trained = [t for t in targets_from_mask(ids, mask) if t != -1]
-        want = [t for m in messages if m["role"] == "assistant" for t in chat.encode(m["content"]) + [chat.EOT]]
-        assert trained == want, f"on a {turns}-turn chat the trained targets are {trained}, expected each response and its <|endoftext|>: {want}"
+        want = []
+        for k, response in enumerate(messages[1::2]):
+            want += chat.encode(response["content"]) + [chat.EOT]
+            if k < turns - 1:  # the "\n" after <|endoftext|> trains too (open-instruct's mask: chat.py)
+                want += chat.encode("\n")
+        assert trained == want, (f"on a {turns}-turn chat the trained targets are {trained}, expected each response, "
+                                 f"its <|endoftext|> and the \\n after it if another turn follows: {want}")
 
 
 def test_loss_targets_are_the_next_trained_token():
