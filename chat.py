@@ -333,9 +333,14 @@ def empty_instructions(messages):
 
 
 def normalize(messages):
-    """Every content with Windows line ends (\\r\\n) turned into \\n: MBPP's code and the poetry CSV carry them, and
-    a model trained on them learns to write \\r. (The official scripts keep them; README, departures.)"""
-    return [{**m, "content": m["content"].replace("\r\n", "\n")} for m in messages]
+    """Every content with its line ends as \\n: Windows' \\r\\n first, then any lone \\r (MBPP task 732's code ends
+    in one). MBPP's code and the poetry CSV carry \\r\\n, and a model trained on them learns to write \\r. (The
+    official scripts keep them; README, departures.)"""
+    normalized = []
+    for m in messages:
+        content = m["content"].replace("\r\n", "\n").replace("\r", "\n")
+        normalized.append({**m, "content": content})
+    return normalized
 
 
 def write_sets(directory, name, train, val=(), responses_only=False):

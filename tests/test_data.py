@@ -123,6 +123,13 @@ def test_validation_never_repeats_a_training_conversation(tmp_path, capsys):
     no_overlap(tmp_path, "s")
 
 
+def test_normalize_writes_every_line_end_as_a_newline():
+    code = "def f():\r\n    return re.sub(' ', ':', text)\r"  # MBPP task 732's code ends in a lone \r
+    messages = [{"role": "user", "content": "old Mac\rtext\r\r\n"}, {"role": "assistant", "content": code}]
+    assert chat.normalize(messages) == [{"role": "user", "content": "old Mac\ntext\n\n"},
+                                        {"role": "assistant", "content": "def f():\n    return re.sub(' ', ':', text)\n"}]
+
+
 def poetry_csv(rows):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\r\n")  # as the hub's file: CRLF rows, quoted multi-line fields
@@ -161,12 +168,14 @@ def test_mbpp_is_its_train_split_validated_on_its_validation_split(fake_hub, tmp
     for split, n in (("train", 37), ("test", 25), ("validation", 9), ("prompt", 5)):
         rows = [{"task_id": i, "text": f"Write a function for {split} {i}.", "code": f"def f():\r\n    return {i}\r\n",
                  "test_list": ["assert f()"]} for i in range(n)]
+        rows[4]["code"] = "def f():\r\n    return 4\r"  # as task 732's code: a lone \r at the end
         serve(fake_hub, "google-research-datasets/mbpp", f"full/{split}-00000-of-00001.parquet", parquet(rows))
     r = prepare("mbpp", fake_hub, tmp_path)
     assert r.returncode == 0, r.stderr
     train, val = texts(read(tmp_path / "mbpp_train.jsonl")), texts(read(tmp_path / "mbpp_val.jsonl"))
     assert len(train) == 37 and len(val) == 9
     assert train[3] == ["Write a function for train 3.", "def f():\n    return 3\n"]  # CRLF -> LF
+    assert train[4] == ["Write a function for train 4.", "def f():\n    return 4\n"]  # CR -> LF
     assert all("test" not in q and "prompt" not in q for q, _ in train + val)
 
 

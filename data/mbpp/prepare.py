@@ -8,7 +8,7 @@ split of the `full` configuration (374 problems), problem text -> reference code
     python data/mbpp/prepare.py           # writes data/mbpp/mbpp_{train,val}.jsonl
 
 The validation set is MBPP's own validation split (90 problems): outside the official training set. The
-code's Windows line ends (\\r\\n) become \\n (chat.normalize).
+code's Windows line ends (\\r\\n) become \\n, and so does the lone \\r that ends task 732's (chat.normalize).
 """
 import sys
 from pathlib import Path
