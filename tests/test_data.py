@@ -141,16 +141,32 @@ def poetry_csv(rows):
 def test_poetry_is_every_titled_row_of_the_first_thousand(fake_hub, tmp_path):
     rows = [["A. Poet", f'Line one, "quoted",\r\nline two of poem {i}\r\n', f"Poem {i}", "Modern", "Love"] for i in range(1003)]
     rows[5][2] = ""  # untitled: skipped, as make_poetry.py skips None
+    rows[6][2] = "NA"  # untitled too: datasets reads the CSV with pandas, which reads NA as missing (None)
+    rows[7][2] = "  "  # a title of spaces is not None: make_poetry.py keeps it
     rows[9] = rows[8]  # a poem listed twice: the official set keeps both
     serve(fake_hub, "merve/poetry", "poetry.csv", poetry_csv(rows))
     (tmp_path / "poetry_val.jsonl").write_text("stale\n")
     r = prepare("poetry", fake_hub, tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "skipped 1 rows" in r.stdout and "999 train, 0 val" in r.stdout
+    assert "skipped 2 rows" in r.stdout and "998 train, 0 val" in r.stdout
     train = texts(read(tmp_path / "poetry_train.jsonl"))
-    assert len(train) == 999 and train[0] == ["Write a poem called Poem 0", 'Line one, "quoted",\nline two of poem 0\n']
-    assert train[7] == train[8] and ["Write a poem called Poem 999", rows[999][1].replace("\r\n", "\n")] == train[-1]
+    assert len(train) == 998 and train[0] == ["Write a poem called Poem 0", 'Line one, "quoted",\nline two of poem 0\n']
+    assert train[5][0] == "Write a poem called   " and train[6] == train[7]
+    assert ["Write a poem called Poem 999", rows[999][1].replace("\r\n", "\n")] == train[-1]
     assert not (tmp_path / "poetry_val.jsonl").exists()  # every titled row trains: no validation set
+
+
+@pytest.mark.parametrize("poem, why", [("", "has no poem"), ("null", "has no poem"), (" \r\n", "has a blank poem")])
+def test_poetry_stops_at_a_titled_row_without_a_poem(fake_hub, tmp_path, poem, why):
+    # make_poetry.py would keep the row: a missing poem (None) fails the official training, a blank one trains
+    # <|endoftext|> alone, which chat.py refuses; either way the script says which row, and writes nothing
+    rows = [["A. Poet", f"Poem {i}", f"Title {i}", "Modern", "Love"] for i in range(5)]
+    rows[3][1] = poem
+    serve(fake_hub, "merve/poetry", "poetry.csv", poetry_csv(rows))
+    r = prepare("poetry", fake_hub, tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"row 3 (make_poetry.py's merve_poetry_3, titled 'Title 3') {why}" in r.stderr
+    assert not (tmp_path / "poetry_train.jsonl").exists()
 
 
 def test_gsm8k_is_the_first_thousand_of_train_validated_on_test(fake_hub, tmp_path):
