@@ -18,10 +18,13 @@ an assistant tag that follows a response or opens the conversation.
 Response tuning (section 3) is this same format with every user content empty:
 `<|user|>\\n\\n<|assistant|>\\n{response}`.
 
+A generation prompt is the same text ending in `<|assistant|>\\n`, with the user and system contents as given,
+not stripped: the official evaluation's template (eval/templates.py 4-19) strips only assistant contents. For
+stripped contents it is exactly the training prefix of the response.
+
 Tokenization is done piece by piece, cut where the mask changes, so a mask boundary is always a token
-boundary and a generation prompt encodes to exactly the tokens the model was trained to continue.
-Text written by a user is always ordinary text: "<|endoftext|>" typed into an instruction is 7 tokens of
-text, never the special token.
+boundary. Text written by a user is always ordinary text: "<|endoftext|>" typed into an instruction is 7 tokens
+of text, never the special token.
 """
 import json
 import os
@@ -61,7 +64,7 @@ def decode(ids):
     return tokenizer().decode([i for i in ids if i != EOT])
 
 
-def _pieces(messages):
+def _pieces(messages, strip_inputs=True):
     # (text or EOT, trained) in order. The mask is open-instruct's (finetune.py 361-381): a system or user
     # message is masked from its tag to its closing "\n", and so is the assistant tag when a response follows
     # it; everything else trains, the "\n" after <|endoftext|> included (it is part of the response's message).
@@ -70,9 +73,12 @@ def _pieces(messages):
         role = message["role"]
         if not isinstance(role, str) or role not in ROLES:  # a list or dict is unhashable: `in` would raise TypeError
             raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
-        # stripped as finetune.py 342-347 does: 327 of LIMA's 2,168 turns end in whitespace, which would
-        # otherwise be learned right before <|endoftext|>
-        content = message["content"].strip()
+        content = message["content"]
+        if strip_inputs or role == "assistant":
+            # stripped as finetune.py 342-347 does: 327 of LIMA's 2,168 turns end in whitespace, which would
+            # otherwise be learned right before <|endoftext|>. Prompts keep user and system contents as given,
+            # as eval/templates.py 8 and 10 do (only 12, the assistant's, strips)
+            content = content.strip()
         if role != "assistant":
             pieces.append((ROLES[role] + content + "\n", False))
             continue
@@ -117,11 +123,13 @@ def encode_chat(messages):
 
 def encode_prompt(instruction_or_messages):
     """Tokens that ask for the next assistant turn: the conversation so far (or one instruction) followed by
-    `<|assistant|>\\n`, exactly as training formats the text before a response."""
+    `<|assistant|>\\n`, as the official evaluation formats it (eval/templates.py 4-19): user and system contents
+    are not stripped. For contents without surrounding whitespace this is the training prefix of a response."""
     messages = instruction_or_messages
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    ids, _ = encode_chat(list(messages) + [{"role": "assistant", "content": ""}])
+    asking = list(messages) + [{"role": "assistant", "content": ""}]
+    ids, _ = _encode(_pieces(asking, strip_inputs=False))
     return ids[:-1]  # drop the empty response's <|endoftext|>: the prompt ends with "<|assistant|>\n"
 
 

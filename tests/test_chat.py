@@ -98,20 +98,25 @@ def test_any_conversation_round_trips(turns):
     assert ids.count(EOT) == len(turns)
     joins = len(turns) - 1  # the "\n" after each <|endoftext|> but the last is trained too
     assert sum(mask) == sum(len(encode(a.strip())) + 1 for _, a in turns) + joins
-    prompt = encode_prompt(messages[:-1])
-    # the prompt is the training prefix up to the last response, which is all that is trained after it
+    # a prompt keeps the instructions as given; of the stripped ones, it is the training prefix up to the last
+    # response, which is all that is trained after it
+    prompt = encode_prompt([{**m, "content": m["content"].strip()} for m in messages[:-1]])
     assert ids[:len(prompt)] == prompt and sum(mask[len(prompt):]) == len(mask) - len(prompt) == len(encode(turns[-1][1].strip())) + 1
     targets = targets_from_mask(ids, mask)
     assert [t for t in targets if t != -1] == [t for t, m in zip(ids[1:], mask[1:]) if m]
 
 
-# open-instruct's training mask, written out as the official code computes it ----------------------------------
+# open-instruct's training mask and evaluation prompt, written out as the official code computes them -----------
 
-def official_text(messages):
-    """_concat_messages (finetune.py 339-350)."""
+def official_text(messages, strip_inputs=True):
+    """_concat_messages (finetune.py 339-350); with strip_inputs=False, the prompt template's text for the
+    messages (eval/templates.py 5-12: user and system contents as given)."""
     text = ""
     for m in messages:
-        text += f"<|{m['role']}|>\n{m['content'].strip()}"
+        content = m["content"]
+        if strip_inputs or m["role"] == "assistant":
+            content = content.strip()
+        text += f"<|{m['role']}|>\n{content}"
         if m["role"] == "assistant":
             text += "<|endoftext|>"
         text += "\n"
@@ -182,3 +187,21 @@ def test_mask_is_open_instructs_for_every_order_of_roles():
                 ref_ids, ref_mask = official_labels(messages)
                 assert ids[:len(ref_ids)] == ref_ids and mask[:len(ref_ids)] == ref_mask, messages
                 assert not any(mask[len(ref_ids):]), messages
+
+
+def test_prompt_is_the_official_template_with_instructions_as_given():
+    instruction = "\n  Write a poem called Rain. \n\n"
+    text = "<|user|>\n" + instruction + "\n<|assistant|>\n"  # eval/templates.py 10 and 14: no strip
+    assert encode_prompt(instruction) == encode(text)
+    history = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\n"},
+               {"role": "assistant", "content": " Hello! \n"}, {"role": "user", "content": " Bye"}]
+    text = ("<|system|>\n Be brief. \n<|user|>\nHi\n\n<|assistant|>\nHello!<|endoftext|>\n"
+            "<|user|>\n Bye\n<|assistant|>\n")  # the response alone is stripped (templates.py 12)
+    assert encode_prompt(history) == official_tokenize(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(message, max_size=5))
+def test_any_prompt_is_the_official_template(messages):
+    text = official_text(messages, strip_inputs=False) + "<|assistant|>\n"  # templates.py 14
+    assert encode_prompt(messages) == official_tokenize(text)
