@@ -84,7 +84,7 @@ DEFAULTS = {
     "out_dir": ("out/eval", "where results and AlpacaEval files go; --compare also trains into out/; "
                             "--epoch_sweep: out/epochs/<name> unless given, its runs in runs/ there"),
     "max_new_tokens": (1024, "generation limit; 1024 = until <|endoftext|> or the end of GPT-2's context, as the "
-                             "official evaluation (limit 8,192); --compare gives the no-EOS-rule model 512, as it does"),
+                             "official evaluation (its context); --compare gives the no-EOS-rule model 512, as it does"),
     "batch_size": (8, "prompts generated, or responses scored, together"),
     "compile": (False, "generate through torch.compile in fixed shapes (CUDA graphs on a GPU; the same tokens)"),
     "negatives": (5, "ranking: other instructions' responses compared with each instruction's own"),
@@ -144,9 +144,10 @@ def proxies(outputs, instructions):
 def encode_pair(instruction, response, block_size):
     """(ids, prompt_len) of a one-turn conversation in the chat format, cut to block_size + 1 tokens: the
     response's end is cut (as the official max_seq_length does), and a prompt too long alone loses its start."""
-    prompt = chat.encode_prompt(instruction)
-    target = chat.encode_chat([{"role": "user", "content": instruction},
-                               {"role": "assistant", "content": response}])[0][len(prompt):]  # response + <|endoftext|>
+    # the training format, instruction stripped: the official ratio_eval.py scores with finetune.py's encoder (a
+    # generation prompt, chat.encode_prompt, keeps the instruction as given, as eval/templates.py does)
+    ids, mask = chat.encode_chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
+    prompt, target = ids[:mask.index(1)], ids[mask.index(1):]  # target: the response and its <|endoftext|>
     target = target[:max(1, block_size + 1 - len(prompt))]
     ids = (prompt + target)[-block_size - 1:]
     return ids, len(ids) - len(target)

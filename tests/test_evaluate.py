@@ -101,6 +101,16 @@ def test_scoring_with_rules_is_the_product_of_experts(small_hf):
         assert_close(ours[t], expected[token], scale=expected.abs().max())  # the log-probs' magnitude, not this one's
 
 
+def test_scoring_reads_the_instruction_as_training_does():
+    # ratio_eval.py scores with finetune.py's encoder, which strips the instruction: half of the Alpaca ranking
+    # set's templated instructions end in "\n" or "\n\n", which a generation prompt keeps (eval/templates.py)
+    instruction, response = "Name three primary colors.\n\n", " Red, yellow and blue.\n"
+    ids, prompt_len = evaluate.encode_pair(instruction, response, 128)
+    expected, mask = chat.encode_chat([{"role": "user", "content": instruction},
+                                       {"role": "assistant", "content": response}])
+    assert ids == expected and prompt_len == mask.index(1)
+
+
 @pytest.mark.parametrize("rule_set", [NO_RULES, RuleSet()], ids=["model", "model+rules"])
 def test_batched_scoring_equals_one_at_a_time(small_hf, rule_set):
     model = GPT.from_pretrained(small_hf[1]).eval()
@@ -110,7 +120,8 @@ def test_batched_scoring_equals_one_at_a_time(small_hf, rule_set):
     pairs.append(("x " * 150, "y " * 10))  # a prompt longer than the context alone: it loses its start
     batched = evaluate.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=5)[0]
     alone = [evaluate.score_responses(model, [rule_set], [pair], "cpu", "float32", batch_size=1)[0][0] for pair in pairs]
-    assert [len(a) for a in alone][-2:] == [128 + 1 - len(chat.encode_prompt("x " * 50)), 1]
+    scored_prompt = chat.encode_prompt(("x " * 50).strip())  # scoring strips the instruction, as training does
+    assert [len(a) for a in alone][-2:] == [128 + 1 - len(scored_prompt), 1]
     for a, b in zip(alone, batched):
         assert_close(a, b)
 
