@@ -40,8 +40,9 @@ USER_TAG = [91, 7220, 91, 29, 198]  # "|user|>\n"
 ASSISTANT_TAG = [562, 10167, 91, 29, 198]  # "assistant|>\n"
 
 # The uniform rule (paper section 5, Listing 1), as the official open_instruct/combined_model.py lines 147-176
-# sets it: 15 Llama-2 token ids and their biases. Six of the code's comments misname their ids (e.g. 5618 is
-# "What" without a space, commented "_What"; 334 is "▁*", commented "-"), so the table maps each id by its true
+# sets it: 15 Llama-2 token ids and their biases. Eight of the code's comments misname their ids (their text, "_"
+# read as "▁", is not the id's piece: 5618 is "What", commented "_What"; 334 is "▁*", commented "-"; 1334 is "▁We",
+# commented "We"; and five more marked below), so the table maps each id by its true
 # Llama piece (decoded with the Llama-2 vocabulary, llama-tokenizer-js 1.2.2) to the GPT-2 token with the same
 # string: Llama's "▁" is a space, so "▁X" is GPT-2's " X" and "X" is GPT-2's "X". GPT-2 has no token of several
 # spaces (it spells a run of spaces with single-space tokens, id 220), so 220 stands in for Llama's "▁▁▁".
@@ -51,9 +52,9 @@ UNIFORM = [(29966,      "<",         "<",            27,    -4.0),
            (29989,      "|",         "|",            91,    -4.0),
            (306,        "▁I",        " I",          314,    -5.0),
            (29902,      "I",         "I",            40,    -5.0),
-           (1334,       "▁We",       " We",         775,    -3.0),
+           (1334,       "▁We",       " We",         775,    -3.0),  # commented "We"
            (5618,       "What",      "What",       2061,    -5.0),  # the code's comment says "_What" (1724)
-           (881,        "▁should",   " should",     815,    -6.0),
+           (881,        "▁should",   " should",     815,    -6.0),  # commented "should"
            (334,        "▁*",        " *",         1635,    +1.0),  # commented "-"
            (448,        "▁-",        " -",          532,    +1.0),  # commented "*"
            (1678,       "▁▁▁",       " ",           220,    +1.0),  # commented "  " (double space)

@@ -49,7 +49,7 @@ DEFAULTS = {
                           "ones in the whole sequence: a turn the model opens restarts them)"),
     "what_bias": (-5.0, "uniform-rule bias on 'What' (GPT-2 id 2061; Listing 1 and the code: -5; Table 8: -3)"),
     "max_new_tokens": (1024, "stop after this many new tokens if <|endoftext|> has not come; the context (1,024 for "
-                              "GPT-2) ends it too, so 1024 = until <|endoftext|>, as the official evaluation (limit 8,192)"),
+                              "GPT-2) ends it too, so 1024 = until <|endoftext|>, as the official evaluation (the context)"),
     "greedy": (True, "argmax decoding, as in the paper's evaluation; False samples"),
     "temperature": (1.0, "sampling temperature (with --greedy=False)"),
     "top_k": (0, "sample only from the k most likely tokens; 0 = all"),
