@@ -321,12 +321,7 @@ def comparison(config):
     for label, run, data in finetuned_runs(config):
         args = [str(ROOT / "config" / f"{run}.toml"), f"--init_from={base}", f"--data={data}", *config["train_args"].split()]
         out = find_run(config, run, args)
-        if progress(out) is None and not (out / "ckpt.pt").exists():
-            print(f"training {label} ({data}) into {out}", file=sys.stderr)
-            run_train([*args, f"--out_dir={out}"], config)
-        elif why := unfinished(out):  # a stopped run is finished first, never scored half-trained
-            print(f"resuming {out}: {why}", file=sys.stderr)
-            run_train(["--init_from=resume", f"--out_dir={out}"], config)
+        train_if_missing(f"{label} ({data})", args, out, config)
         models.append((label, str(out), limit))
     return models
 
@@ -550,8 +545,8 @@ def sweep_args(config, name, epochs):
 
 
 def train_if_missing(label, args, out, config):
-    """Train `train.py ARGS` into `out` if nothing is there, finish it if it was stopped, keep it if
-    it is done (as comparison() does for the runs of --compare)."""
+    """Train `train.py ARGS` into `out` if nothing is there, finish it if it was stopped (a run is never
+    measured half-trained), keep it if it is done: the runs of --compare and of --epoch_sweep."""
     if progress(out) is None and not (out / "ckpt.pt").exists():
         print(f"training {label} into {out}", file=sys.stderr)
         run_train([*args, f"--out_dir={out}"], config)
