@@ -205,22 +205,30 @@ def score_batch(model, rule_sets, batch, device, dtype, chunk=64):
     return [[scored[b, :len(ids) - p] for b, (ids, p) in enumerate(batch)] for scored in picked]
 
 
-def ranking_win_rate(score, n, negatives, seed):
-    """The paper's response ranking (Table 2): for each instruction i, its own response against `negatives`
-    responses drawn at random, all scored under instruction i by score(i, j) (mean log-prob per token, so the
-    order of exp(-mean NLL) that the official ratio_eval.py computes); returns the share of comparisons, in %,
-    that the own response wins outright. As in the official code, draws are with replacement from all
-    responses, and a draw of the instruction's own response is not a comparison (plot_ratios.py)."""
+def ranking_draws(n, negatives, seed):
+    """The pairs the paper's response ranking compares (Table 2): for each instruction i, `negatives`
+    responses j drawn at random from all n, with replacement, as the official ratio_eval.py draws them; a
+    draw of i's own response is not a comparison and is skipped (plot_ratios.py). Returns [(i, j)]."""
     rng = random.Random(seed)
-    wins, total = 0, 0
+    draws = []
     for i in range(n):
-        own = score(i, i)
         for _ in range(negatives):
             j = rng.randint(0, n - 1)
             if j != i:
-                wins += own > score(i, j)  # a tie is not a win
-                total += 1
-    return 100 * wins / max(total, 1)
+                draws.append((i, j))
+    return draws
+
+
+def ranking_win_rate(score, n, negatives, seed):
+    """The paper's response ranking: for each pair (i, j) of ranking_draws, instruction i's own response
+    against response j, both scored under instruction i by score(i, j) (mean log-prob per token, so the order
+    of exp(-mean NLL) that the official ratio_eval.py computes). Returns the share of comparisons, in %, that
+    the own response wins outright: a tie is not a win."""
+    draws = ranking_draws(n, negatives, seed)
+    wins = 0
+    for i, j in draws:
+        wins += score(i, i) > score(i, j)
+    return 100 * wins / max(len(draws), 1)
 
 
 def parse_model(spec):
@@ -258,13 +266,14 @@ def evaluate_models(init_from, specs, rows, ranked, config, device, dtype):
         alpaca.append([{"instruction": r["instruction"], "output": chat.decode(out).strip(), "generator": spec,
                         "dataset": r["dataset"]} for r, out in zip(rows, outputs)])
     tables = []
-    if len(ranked) >= 2:  # the ranking's draws depend on the seed alone: collect the pairs, score them batched
-        wanted = []
-        ranking_win_rate(lambda i, j: wanted.append((i, j)) or 0.0, len(ranked), config["negatives"], config["seed"])
-        tables = score_pairs(model, rule_sets, ranked, wanted, config, device, dtype)
+    if len(ranked) >= 2:  # the ranking's draws depend on the seed alone: score every pair at once, batched
+        draws = ranking_draws(len(ranked), config["negatives"], config["seed"])  # [(i, j)], j != i
+        own = [(i, i) for i in range(len(ranked))]
+        tables = score_pairs(model, rule_sets, ranked, own + draws, config, device, dtype)
         for m, table in zip(metrics, tables):
-            m["ranking"] = ranking_win_rate(lambda i, j: table[(i, j)].mean().item(), len(ranked),
-                                            config["negatives"], config["seed"])
+            def score(i, j):  # response j's mean log-prob per token under instruction i (used at once)
+                return table[(i, j)].mean().item()
+            m["ranking"] = ranking_win_rate(score, len(ranked), config["negatives"], config["seed"])
     references = [r for r in rows if r["reference"] is not None]
     if references:  # the ranking scored every own response already when it ranked these same rows
         owns = tables if ranked == references and tables else \

@@ -239,8 +239,29 @@ def score_tables():
                lambda i, j, b=base, t=table: b[i] + t[i][j], 100 * wins / (n * (n - 1)), 3.0)
 
 
+def official_draws(n, negatives, seed):
+    """Stated independently: ratio_eval.py's draws, with replacement from all n, a draw of i itself skipped."""
+    rng = random.Random(seed)
+    pairs = [(i, rng.randint(0, n - 1)) for i in range(n) for _ in range(negatives)]
+    return [(i, j) for i, j in pairs if j != i]
+
+
+def draws_keeping_own(n, negatives, seed):
+    """A wrong ranking_draws: the official draws, a draw of i itself kept as a comparison."""
+    rng = random.Random(seed)
+    return [(i, rng.randint(0, n - 1)) for i in range(n) for _ in range(negatives)]
+
+
 def check_ranking(ranking_win_rate=None):
     ranking_win_rate = ranking_win_rate or evaluate.ranking_win_rate
+    for n, negatives, seed in ((1, 3, 0), (2, 1, 0), (2, 40, 5), (5, 4, 2), (17, 5, 0), (50, 5, 123)):
+        what = f"ranking_draws(n={n}, negatives={negatives}, seed={seed})"
+        got = call(evaluate.ranking_draws, n, negatives, seed, what=what)
+        want = official_draws(n, negatives, seed)
+        assert list(got) == want, (
+            f"{what} is {list(got)[:8]}..., expected {want[:8]}... ({len(want)} pairs): for each i in order, "
+            f"`negatives` draws random.Random(seed).randint(0, n - 1) from one generator, with replacement, "
+            f"a draw of i itself skipped.")
     for name, n, negatives, seed, score, want, tolerance in score_tables():
         what = f"ranking_win_rate(score, n={n}, negatives={negatives}, seed={seed}) with {name}"
         got = call(ranking_win_rate, score, n, negatives, seed, what=what)
@@ -437,6 +458,11 @@ WRONG = [  # (exercise, the module and name of its function, {mistake: wrong ans
         "hard-coded": lambda ids, p, r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([7, 8, 9]), -1.5)}),
     ("diversity_rule", rules, "after_tag", {"the first tag": first_tag,
                                             "the prompt's user tag, whatever the tag": lambda ids, tag: last_tag_end(ids)}),
+    ("ranking", evaluate, "ranking_draws", {
+        "draws of the own response kept": draws_keeping_own,
+        "a new generator per instruction": lambda n, negatives, seed: [
+            p for i in range(n) for p in official_draws(n, negatives, seed + i) if p[0] == i],
+        "hard-coded": lambda n, negatives, seed: [(0, 1), (1, 0)]}),
     ("ranking", evaluate, "ranking_win_rate", {
         "a tie counts as a win": ranking(lambda s, i, j: s(i, i) >= s(i, j)),
         "draws of the own response counted": ranking(lambda s, i, j: s(i, i) > s(i, j), skip_self=False),
