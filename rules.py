@@ -1,26 +1,31 @@
 """
-The rule-based language model of section 5: three hand-written rules which, multiplied with a pretrained LM
-(a product of experts), make it follow instructions.
+The rule-based language model of section 5: three hand-written rules which, multiplied with a
+pretrained LM (a product of experts), make it follow instructions.
 
-    python sample.py --rules --prompt="Give me a recipe for tiramisu."      # GPT-2 x all three rules
-    python sample.py --rules=eos,uniform --prompt="..."                     # any subset; --rules=none: off
-    python rules.py                                  # prints the rules' biases step by step and draws rules.png
+    python sample.py --rules --prompt="Give me a recipe for tiramisu."   # GPT-2 x all three rules
+    python sample.py --rules=eos,uniform --prompt="..."          # any subset; --rules=none: off
+    python rules.py              # prints the rules' biases step by step and draws rules.png
 
-Next-token log-probabilities are log_softmax(GPT-2 logits) + log_softmax(rule scores), renormalized, and
-decoding is greedy, as in the paper's evaluation. The rules score the next token from the tokens so far:
+Next-token log-probabilities are log_softmax(GPT-2 logits) + log_softmax(rule scores),
+renormalized, and decoding is greedy, as in the paper's evaluation. The rules score the next token
+from the tokens so far:
 
-  EOS        <|endoftext|> gets +15 * n / 250 after n response tokens (0 < n < 250): responses end sooner.
-  diversity  every distinct token already present after the user tag gets -1.5, once per id: less repetition.
-  uniform    15 fixed tokens always get a fixed bias: fewer "I", "What", "should", more lists and newlines.
+  EOS        <|endoftext|> gets +15 * n / 250 after n response tokens (0 < n < 250):
+             responses end sooner.
+  diversity  every distinct token already present after the user tag gets -1.5, once per id:
+             less repetition.
+  uniform    15 fixed tokens always get a fixed bias: fewer "I", "What", "should", more lists
+             and newlines.
 
-"After the user tag" and "response tokens" are counted from the LAST user and assistant tags anywhere in the
-sequence, the model's own text included, as the official code re-finds them at every step: a model that opens a
-new turn restarts the diversity rule (a new user tag) or the EOS ramp (a new assistant tag).
+"After the user tag" and "response tokens" count from the LAST user and assistant tags anywhere
+in the sequence, the model's own text included, as the official code re-finds them at every step:
+a model that opens a new turn restarts the diversity rule (a new user tag) or the EOS ramp (a new
+assistant tag).
 
-`rule_bias` computes the scores from scratch, to be read next to the paper. `RuleState` is what the sampler
-uses: per sequence, a mask of tokens seen, a response-length counter and how much of each tag the sequence ends
-with, updated with each new token, so a step costs the same at token 1,000 as at token 1 and each sequence of a
-batch keeps its own state.
+`rule_bias` computes the scores from scratch, to be read next to the paper. `RuleState` is what
+the sampler uses: per sequence, a mask of tokens seen, a response-length counter and how much of
+each tag the sequence ends with, updated with each new token, so a step costs the same at token
+1,000 as at token 1 and each sequence of a batch keeps its own state.
 """
 import sys
 from dataclasses import dataclass
@@ -33,19 +38,20 @@ from cli import autocast
 
 EOT = 50256  # <|endoftext|>, GPT-2's end of sequence
 VOCAB = 50257
-# The tags the rules look for: the last 5 tokens of "\n<|user|>\n" and of "\n<|assistant|>\n", as the official
-# combined_model.py (lines 180 and 183) takes them from its tokenizer. Llama-2's last 5 are "|", "user", "|", ">",
-# "\n" and "ass", "istant", "|", ">", "\n"; GPT-2's last 5 are the same strings.
+# The tags the rules look for: the last 5 tokens of "\n<|user|>\n" and "\n<|assistant|>\n", as the
+# official combined_model.py (lines 180 and 183) takes them from its tokenizer. Llama-2's last 5
+# are "|", "user", "|", ">", "\n" and "ass", "istant", "|", ">", "\n"; GPT-2's, the same strings.
 USER_TAG = [91, 7220, 91, 29, 198]  # "|user|>\n"
 ASSISTANT_TAG = [562, 10167, 91, 29, 198]  # "assistant|>\n"
 
-# The uniform rule (paper section 5, Listing 1), as the official open_instruct/combined_model.py lines 147-176
-# sets it: 15 Llama-2 token ids and their biases. Eight of the code's comments misname their ids (their text, "_"
-# read as "▁", is not the id's piece: 5618 is "What", commented "_What"; 334 is "▁*", commented "-"; 1334 is "▁We",
-# commented "We"; and five more marked below), so the table maps each id by its true
-# Llama piece (decoded with the Llama-2 vocabulary, llama-tokenizer-js 1.2.2) to the GPT-2 token with the same
-# string: Llama's "▁" is a space, so "▁X" is GPT-2's " X" and "X" is GPT-2's "X". GPT-2 has no token of several
-# spaces (it spells a run of spaces with single-space tokens, id 220), so 220 stands in for Llama's "▁▁▁".
+# The uniform rule (paper section 5, Listing 1), as the official open_instruct/combined_model.py
+# lines 147-176 sets it: 15 Llama-2 token ids and their biases. Eight of the code's comments
+# misname their ids (their text, "_" read as "▁", is not the id's piece: 5618 is "What",
+# commented "_What"; 334 is "▁*", commented "-"; 1334 is "▁We", commented "We"; and five more
+# marked below), so the table maps each id by its true Llama piece (decoded with the Llama-2
+# vocabulary, llama-tokenizer-js 1.2.2) to the GPT-2 token with the same string: Llama's "▁" is a
+# space, so "▁X" is GPT-2's " X" and "X" is GPT-2's "X". GPT-2 has no token of several spaces (it
+# spells a run of spaces with single-space tokens, id 220), so 220 stands in for Llama's "▁▁▁".
 #          official id  Llama piece  GPT-2 string  GPT-2 id  bias
 UNIFORM = [(29966,      "<",         "<",            27,    -4.0),
            (529,        "▁<",        " <",         1279,    -4.0),
@@ -53,11 +59,11 @@ UNIFORM = [(29966,      "<",         "<",            27,    -4.0),
            (306,        "▁I",        " I",          314,    -5.0),
            (29902,      "I",         "I",            40,    -5.0),
            (1334,       "▁We",       " We",         775,    -3.0),  # commented "We"
-           (5618,       "What",      "What",       2061,    -5.0),  # the code's comment says "_What" (1724)
+           (5618,       "What",      "What",       2061,    -5.0),  # commented "_What" (1724)
            (881,        "▁should",   " should",     815,    -6.0),  # commented "should"
            (334,        "▁*",        " *",         1635,    +1.0),  # commented "-"
            (448,        "▁-",        " -",          532,    +1.0),  # commented "*"
-           (1678,       "▁▁▁",       " ",           220,    +1.0),  # commented "  " (double space)
+           (1678,       "▁▁▁",       " ",           220,    +1.0),  # commented "  " (2 spaces)
            (396,        "▁#",        " #",         1303,    +1.0),  # commented "#"
            (444,        "▁##",       " ##",       22492,    +1.0),  # commented "##"
            (13,         "<0x0A>",    "\n",          198,    +1.0),
@@ -67,19 +73,23 @@ RULE_NAMES = ("eos", "diversity", "uniform")
 
 @dataclass(frozen=True)
 class RuleSet:
-    """Which rules are on, and the choices where the official code and the paper's text differ (README). The
-    module is the rule LM, RULE_NAMES the rules' names, a RuleSet one choice of them (NO_RULES: plain GPT-2)."""
+    """Which rules are on, and the choices where the official code and the paper's text differ
+    (README). The module is the rule LM, RULE_NAMES the rules' names, a RuleSet one choice of them
+    (NO_RULES: plain GPT-2)."""
     eos: bool = True
     diversity: bool = True
     uniform: bool = True
-    eos_hold: bool = False  # after 250 tokens keep the EOS bias at +15; the official code drops it back to 0
-    response_only: bool = False  # penalize repeats of response tokens only; the code also covers the instruction
-    fixed_tags: bool = False  # find the tags in the prompt only; the code re-finds them in the whole sequence
+    # after 250 tokens keep the EOS bias at +15; the official code drops it back to 0
+    eos_hold: bool = False
+    # penalize repeats of response tokens only; the code also covers the instruction
+    response_only: bool = False
+    # find the tags in the prompt only; the code re-finds them in the whole sequence
+    fixed_tags: bool = False
     what_bias: float = -5.0  # "What": -5 in Listing 1 and the code, -3 in Table 8
 
     @property
     def on(self):
-        """Whether any rule is on: with none, generation and scoring are the pretrained LM's alone."""
+        """Whether any rule is on: with none, generation and scoring are the pretrained LM's."""
         return self.eos or self.diversity or self.uniform
 
 
@@ -87,13 +97,15 @@ NO_RULES = RuleSet(eos=False, diversity=False, uniform=False)
 
 
 def parse_rules(text, **options):
-    """'eos,diversity,uniform' (or 'all' / 'True', from a bare --rules) -> RuleSet; 'none' or '' -> NO_RULES."""
+    """'eos,diversity,uniform' (or 'all' / 'True', from a bare --rules) -> RuleSet;
+    'none' or '' -> NO_RULES."""
     names = {"all": RULE_NAMES, "true": RULE_NAMES, "none": (), "": ()}.get(text.lower())
     if names is None:
         names = tuple(name.strip() for name in text.split(","))
         for name in names:
             if name not in RULE_NAMES:
-                raise ValueError(f"--rules={text}: unknown rule '{name}' (use {', '.join(RULE_NAMES)}, all or none)")
+                known = ", ".join(RULE_NAMES) + ", all or none"
+                raise ValueError(f"--rules={text}: unknown rule '{name}' (use {known})")
     return RuleSet(**{name: name in names for name in RULE_NAMES}, **options)
 
 
@@ -104,20 +116,21 @@ def uniform_bias(rule_set):
     return bias
 
 
-# ----------------------------------------------------------------------------------- the rules, from scratch
+# ------------------------------------------------------------------------ the rules, from scratch
 
 def eos_bias(n, rule_set):
-    """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token; from 250
-    on 0 (the official code), or 15 with rule_set.eos_hold. n is a count, or a tensor of counts (RuleState passes
-    one per sequence of its batch): the same arithmetic serves both."""
+    """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token;
+    from 250 on 0 (the official code), or 15 with rule_set.eos_hold. n is a count, or a tensor of
+    counts (RuleState passes one per sequence of its batch): the same arithmetic serves both."""
     ramping = (0 < n) & (n < 250)  # a bool, or a bool tensor
     held = (n >= 250) & rule_set.eos_hold
     return ramping * (15 * n / 250) + held * 15.0
 
 
 def after_tag(ids, tag):
-    """Index just past the last occurrence of `tag` in ids, None if there is none. The official code's loops over
-    the whole sequence keep the last match (combined_model.py 190-192 and 210-212)."""
+    """Index just past the last occurrence of `tag` in ids, None if there is none. The official
+    code's loops over the whole sequence keep the last match (combined_model.py 190-192,
+    210-212)."""
     for i in range(len(ids) - len(tag), -1, -1):
         if ids[i:i + len(tag)] == tag:
             return i + len(tag)
@@ -125,23 +138,29 @@ def after_tag(ids, tag):
 
 
 def rule_starts(ids, prompt_len, rule_set):
-    """(where the diversity rule starts counting, where the response starts) in ids, whose first prompt_len
-    tokens are the prompt. Officially both come from the last tags in the whole sequence; without a user tag all
-    of ids counts (raw text is all "instruction"), without an assistant tag the response starts after the prompt."""
+    """(where the diversity rule starts counting, where the response starts) in ids, whose first
+    prompt_len tokens are the prompt. Officially both come from the last tags in the whole
+    sequence; without a user tag all of ids counts (raw text is all "instruction"), without an
+    assistant tag the response starts after the prompt."""
     if rule_set.fixed_tags:  # our earlier reading: the prompt's tags, found once
-        user_end, response_start = after_tag(ids[:prompt_len], USER_TAG) or 0, prompt_len
+        user_end = after_tag(ids[:prompt_len], USER_TAG) or 0
+        response_start = prompt_len
     else:
-        user_end, response_start = after_tag(ids, USER_TAG) or 0, after_tag(ids, ASSISTANT_TAG) or prompt_len
-    return (response_start if rule_set.response_only else user_end), response_start
+        user_end = after_tag(ids, USER_TAG) or 0
+        response_start = after_tag(ids, ASSISTANT_TAG) or prompt_len
+    if rule_set.response_only:
+        return response_start, response_start
+    return user_end, response_start
 
 
 def rule_bias(ids, prompt_len, rule_set):
-    """The rule scores (vocab_size,) for the token after `ids`, a 1-D list whose first prompt_len tokens are
-    the prompt: the reference computation, from scratch, one rule at a time."""
+    """The rule scores (vocab_size,) for the token after `ids`, a 1-D list whose first prompt_len
+    tokens are the prompt: the reference computation, from scratch, one rule at a time."""
     bias = torch.zeros(VOCAB)
     diversity_start, response_start = rule_starts(ids, prompt_len, rule_set)
     if rule_set.eos:
-        bias[EOT] += eos_bias(len(ids) - response_start, rule_set)  # n: tokens after the last assistant tag
+        n = len(ids) - response_start  # tokens after the last assistant tag
+        bias[EOT] += eos_bias(n, rule_set)
     if rule_set.diversity:
         for token in set(ids[diversity_start:]):  # once per distinct id, however often it occurs
             bias[token] -= 1.5
@@ -150,13 +169,14 @@ def rule_bias(ids, prompt_len, rule_set):
     return bias
 
 
-# --------------------------------------------------------------------------- the rules, incrementally, batched
+# ----------------------------------------------------------- the rules, incrementally, batched
 
 def tag_table(tag):
-    """The tag's matching automaton as a table (Knuth-Morris-Pratt): table[s, token] is how many of the tag's
-    first tokens the sequence ends with after `token`, when before it it ended with s of them; len(tag) means the
-    sequence has just completed a tag. One lookup a token finds every tag without rescanning."""
-    table = torch.zeros(len(tag) + 1, VOCAB, dtype=torch.long)  # any token outside the tag: back to 0
+    """The tag's matching automaton as a table (Knuth-Morris-Pratt): table[s, token] is how many
+    of the tag's first tokens the sequence ends with after `token`, when before it it ended with s
+    of them; len(tag) means the sequence has just completed a tag. One lookup a token finds every
+    tag without rescanning."""
+    table = torch.zeros(len(tag) + 1, VOCAB, dtype=torch.long)  # a token outside the tag: 0
     for s in range(len(tag) + 1):
         for token in set(tag):
             table[s, token] = tag_progress(tag[:s] + [token], tag)
@@ -164,31 +184,48 @@ def tag_table(tag):
 
 
 def tag_progress(ids, tag):
-    """How many of the tag's first tokens ids ends with (the longest such prefix; len(tag): a whole tag)."""
-    return next((k for k in range(len(tag), 0, -1) if ids[len(ids) - k:] == tag[:k]), 0)
+    """How many of the tag's first tokens ids ends with: the longest such prefix (len(tag): a
+    whole tag), 0 if none."""
+    for k in range(len(tag), 0, -1):
+        if ids[len(ids) - k:] == tag[:k]:
+            return k
+    return 0
 
 
 class RuleState:
-    """The rules for a batch of sequences, kept up to date one token at a time. Called by GPT.generate at each
-    step as a hook: returns the rule scores (B, vocab_size) for the next token. The rule scores
-    are one (B, vocab_size) tensor changed in place: after a token only two entries per row can change, the
-    token's own (the diversity rule, the first time it is seen) and <|endoftext|>'s (the EOS ramp), so a step
-    costs O(B) small writes instead of rebuilding the whole table. A row whose sequence completes a new tag is
-    reset (a new user tag empties its diversity rule, a new assistant tag restarts its EOS ramp), as rule_bias's
-    from-scratch search of the last tags gives."""
+    """The rules for a batch of sequences, kept up to date one token at a time. Called by
+    GPT.generate at each step as a hook: returns the rule scores (B, vocab_size) for the next
+    token.
+    The rule scores are one (B, vocab_size) tensor changed in place: after a token only two entries
+    per row can change, the token's own (the diversity rule, the first time it is seen) and
+    <|endoftext|>'s (the EOS ramp), so a step costs O(B) small writes instead of rebuilding the
+    whole table. A row whose sequence completes a new tag is reset (a new user tag empties its
+    diversity rule, a new assistant tag restarts its EOS ramp), as rule_bias's from-scratch search
+    of the last tags gives."""
 
     def __init__(self, prompts, rule_set, device="cpu"):
-        self.rule_set, B = rule_set, len(prompts)
-        self.base = uniform_bias(rule_set).to(device) if rule_set.uniform else torch.zeros(VOCAB, device=device)
-        self.tables = [tag_table(USER_TAG).to(device), tag_table(ASSISTANT_TAG).to(device)]
-        # (B,) per tag: how much of it each sequence ends with, so a tag split by the prompt's end is still found
-        self.progress = [torch.tensor([tag_progress(p, tag) for p in prompts], dtype=torch.long, device=device)
-                         for tag in (USER_TAG, ASSISTANT_TAG)]
-        starts = [rule_starts(p, len(p), rule_set) for p in prompts]  # (diversity start, response start) per row
-        self.n = torch.tensor([len(p) - r for p, (_, r) in zip(prompts, starts)], dtype=torch.long, device=device)
-        self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)  # ids the diversity rule penalizes
-        for b, (prompt, (start, _)) in enumerate(zip(prompts, starts)):
-            self.seen[b, prompt[start:]] = True
+        self.rule_set = rule_set
+        B = len(prompts)
+        if rule_set.uniform:
+            self.base = uniform_bias(rule_set).to(device)  # (V,) the scores every row starts from
+        else:
+            self.base = torch.zeros(VOCAB, device=device)
+        self.tags = (USER_TAG, ASSISTANT_TAG)
+        self.tables = [tag_table(tag).to(device) for tag in self.tags]
+        # (B,) per tag: how much of it each sequence ends with, so that a tag the prompt's end
+        # splits is still found
+        self.progress = []
+        for tag in self.tags:
+            ends = [tag_progress(prompt, tag) for prompt in prompts]
+            self.progress.append(torch.tensor(ends, dtype=torch.long, device=device))
+        # per row: where the diversity rule starts counting, and where the response starts
+        starts = [rule_starts(prompt, len(prompt), rule_set) for prompt in prompts]
+        counts = [len(prompt) - start[1] for prompt, start in zip(prompts, starts)]
+        self.n = torch.tensor(counts, dtype=torch.long, device=device)  # (B,) response tokens
+        # (B, V) the ids the diversity rule penalizes
+        self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)
+        for b, (prompt, (diversity_start, _)) in enumerate(zip(prompts, starts)):
+            self.seen[b, prompt[diversity_start:]] = True
         self.bias = self.base.repeat(B, 1)  # (B, V): the rule scores for the next token
         if rule_set.diversity:
             self.bias -= 1.5 * self.seen
@@ -197,13 +234,14 @@ class RuleState:
         self.steps = 0
 
     def ramp(self):
-        """<|endoftext|>'s score: the others' plus the EOS ramp after n tokens (the exercise's eos_bias, batched)."""
+        """<|endoftext|>'s score: the others' plus the EOS ramp after n tokens (the exercise's
+        eos_bias, batched)."""
         if self.rule_set.eos:
             self.bias[:, EOT] = self.eot + eos_bias(self.n, self.rule_set)
 
     def forget(self, rows):
-        """Empty the diversity rule of the rows where a new count starts (rows: (B,) bool): O(V) for each such
-        row, which happens once a new turn, not once a token."""
+        """Empty the diversity rule of the rows where a new count starts (rows: (B,) bool): O(V)
+        for each such row, which happens once a new turn, not once a token."""
         self.seen[rows] = False
         self.bias[rows] = self.base
         self.eot[rows] = self.base[EOT]
@@ -214,13 +252,16 @@ class RuleState:
         if self.rule_set.diversity:
             new = ~self.seen[rows, tokens]  # (B,) the diversity rule counts each distinct id once
             self.bias[rows, tokens] -= 1.5 * new
-            self.eot -= 1.5 * (new & (tokens == EOT))  # <|endoftext|>'s entry is rebuilt by ramp(): keep its share
+            # <|endoftext|>'s entry is rebuilt by ramp(): keep its share of the penalty
+            self.eot -= 1.5 * (new & (tokens == EOT))
         self.seen[rows, tokens] = True
         self.n += 1
         if not self.rule_set.fixed_tags:
-            self.progress = [table[progress, tokens] for table, progress in zip(self.tables, self.progress)]
-            user, assistant = (progress == len(tag) for progress, tag in zip(self.progress, (USER_TAG, ASSISTANT_TAG)))
-            self.n.masked_fill_(assistant, 0)  # the response starts anew after the new assistant tag
+            for k, table in enumerate(self.tables):
+                self.progress[k] = table[self.progress[k], tokens]  # (B,)
+            user = self.progress[0] == len(USER_TAG)  # (B,) rows that just completed a user tag
+            assistant = self.progress[1] == len(ASSISTANT_TAG)
+            self.n.masked_fill_(assistant, 0)  # the response starts anew after the new tag
             restart = assistant if self.rule_set.response_only else user
             if restart.any():  # a new turn: rare, so the O(V) reset is too
                 self.forget(restart)
@@ -235,44 +276,62 @@ class RuleState:
         assert generated.size(1) in (self.steps, self.steps + 1), "one RuleState per generate call"
         if generated.size(1) == self.steps + 1:
             self.update(generated[:, -1])
-        # the rule LM's log-probabilities up to its normalizer, a per-row constant that generate's renormalization
-        # of the product removes: so the hook costs one add of this tensor, no full-vocabulary op of its own
+        # the rule LM's log-probabilities up to its normalizer, a per-row constant that generate's
+        # renormalization of the product removes: so the hook costs one add of this tensor, no
+        # full-vocabulary op of its own
         return self.scores()
 
 
 def product_of_experts(logits, rule_scores):
     """log p(x) = log_softmax(LM logits) + log_softmax(rule scores), renormalized (section 5)."""
-    return F.log_softmax(F.log_softmax(logits.float(), dim=-1) + F.log_softmax(rule_scores, dim=-1), dim=-1)
+    lm = F.log_softmax(logits.float(), dim=-1)
+    rule_lm = F.log_softmax(rule_scores, dim=-1)
+    return F.log_softmax(lm + rule_lm, dim=-1)
 
 
 def respond(model, prompts, config, rule_set, device, dtype, stream=None):
-    """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a RuleSet; NO_RULES for
-    plain GPT-2) as its per-step hook; `config` holds sample.py's decoding flags. stream(token), if given, sees
-    each token of the first prompt's answer as it comes."""
-    hook = RuleState(prompts, rule_set, device) if rule_set.on else None
+    """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a
+    RuleSet; NO_RULES for plain GPT-2) as its per-step hook; `config` holds sample.py's decoding
+    flags. stream(token), if given, sees each token of the first prompt's answer as it comes."""
+    hook = None
+    if rule_set.on:
+        hook = RuleState(prompts, rule_set, device)
+    callback = None
+    if stream:
+        def callback(logprobs, tokens):
+            stream(int(tokens[0]))
     generator = torch.Generator(device).manual_seed(config["seed"])
-    callback = (lambda logprobs, tokens: stream(int(tokens[0]))) if stream else None
     with autocast(device, dtype):
         return model.generate(prompts, config["max_new_tokens"], greedy=config["greedy"],
-                              temperature=config["temperature"], top_k=config["top_k"] or None, top_p=config["top_p"],
-                              hook=hook, callback=callback, generator=generator, compiled=config["compile"])
+                              temperature=config["temperature"], top_k=config["top_k"] or None,
+                              top_p=config["top_p"], hook=hook, callback=callback,
+                              generator=generator, compiled=config["compile"])
 
 
-# -------------------------------------------------------------------------------------- the README's figure
+# ----------------------------------------------------------------------------- the README's figure
 
 def explain(instruction, response, rule_set=RuleSet(), path="rules.png"):
-    """Print, for each token of a response, the bias the diversity and uniform rules gave it and the EOS rule's
-    bias on <|endoftext|> at that step; plot them to `path`, the EOS ramp drawn on to 260 tokens."""
+    """Print, for each token of a response, the bias the diversity and uniform rules gave it and
+    the EOS rule's bias on <|endoftext|> at that step; plot them to `path`, the EOS ramp drawn on
+    to 260 tokens."""
     import chat
     prompt = chat.encode_prompt(instruction)
     ids = prompt + chat.encode(response)
     rows = []  # (step, token text, diversity bias on it, uniform bias on it, EOS bias)
     for t in range(len(prompt), len(ids)):
-        diversity = rule_bias(ids[:t], len(prompt), DIVERSITY_ONLY)[ids[t]] if rule_set.diversity else 0.0
-        uniform = rule_bias(ids[:t], len(prompt), UNIFORM_ONLY)[ids[t]] if rule_set.uniform else 0.0
-        rows.append((t - len(prompt), chat.tokenizer().decode([ids[t]]), float(diversity), float(uniform),
-                     eos_bias(t - len(prompt), rule_set) if rule_set.eos else 0.0))
-    print(f"{'step':>4}  {'token':<14} {'diversity':>9} {'uniform':>9}   EOS bias (on <|endoftext|>)")
+        step = t - len(prompt)
+        diversity = 0.0
+        uniform = 0.0
+        eos = 0.0
+        if rule_set.diversity:
+            diversity = float(rule_bias(ids[:t], len(prompt), DIVERSITY_ONLY)[ids[t]])
+        if rule_set.uniform:
+            uniform = float(rule_bias(ids[:t], len(prompt), UNIFORM_ONLY)[ids[t]])
+        if rule_set.eos:
+            eos = eos_bias(step, rule_set)
+        rows.append((step, chat.tokenizer().decode([ids[t]]), diversity, uniform, eos))
+    header = f"{'step':>4}  {'token':<14} {'diversity':>9} {'uniform':>9}"
+    print(header + "   EOS bias (on <|endoftext|>)")
     for step, text, diversity, uniform, eos in rows:
         print(f"{step:>4}  {text!r:<14} {diversity:>+9.2f} {uniform:>+9.2f}   {eos:+.2f}")
     from cli import pyplot
@@ -282,19 +341,26 @@ def explain(instruction, response, rule_set=RuleSet(), path="rules.png"):
     fig, ax = plt.subplots(figsize=(9, 3.6))
     steps = [r[0] for r in rows]
     if rule_set.eos:
-        ax.plot(range(261), [eos_bias(n, rule_set) for n in range(261)], color="tab:red", ls=":", lw=1)
-        ax.plot(steps, [r[4] for r in rows], color="tab:red", label="EOS rule: bias on <|endoftext|> (dotted: on to 260)")
-    ax.step(steps, [r[2] for r in rows], where="mid", color="tab:blue", label="diversity rule: bias on the token written")
-    ax.step(steps, [r[3] for r in rows], where="mid", color="tab:green", label="uniform rule: bias on the token written")
+        ramp = [eos_bias(n, rule_set) for n in range(261)]
+        ax.plot(range(261), ramp, color="tab:red", ls=":", lw=1)
+        ax.plot(steps, [r[4] for r in rows], color="tab:red",
+                label="EOS rule: bias on <|endoftext|> (dotted: on to 260)")
+    ax.step(steps, [r[2] for r in rows], where="mid", color="tab:blue",
+            label="diversity rule: bias on the token written")
+    ax.step(steps, [r[3] for r in rows], where="mid", color="tab:green",
+            label="uniform rule: bias on the token written")
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set(xlabel="response token n", ylabel="rule score (nats)", title=f"The rules while answering {instruction!r}")
+    ax.set(xlabel="response token n", ylabel="rule score (nats)",
+           title=f"The rules while answering {instruction!r}")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}", file=sys.stderr)
 
 
-EOS_ONLY, DIVERSITY_ONLY, UNIFORM_ONLY = RuleSet(True, False, False), RuleSet(False, True, False), RuleSet(False, False, True)
+EOS_ONLY = RuleSet(eos=True, diversity=False, uniform=False)
+DIVERSITY_ONLY = RuleSet(eos=False, diversity=True, uniform=False)
+UNIFORM_ONLY = RuleSet(eos=False, diversity=False, uniform=True)
 
 RESPONSE = """Here is a simple tiramisu:
 
@@ -317,7 +383,8 @@ def main(argv):
             return None
     for arg in argv:
         if arg.startswith("-"):
-            raise ValueError(f"unknown argument {arg!r} (the one argument is a PATH.png; see --help)")
+            raise ValueError(f"unknown argument {arg!r} "
+                             "(the one argument is a PATH.png; see --help)")
     if len(argv) > 1:
         raise ValueError(f"one PATH.png at most, got {len(argv)} arguments (see --help)")
     path = Path(argv[0] if argv else "rules.png")
@@ -329,5 +396,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:  # a bad argument, or a figure path that cannot be written: one line
+    except (ValueError, OSError) as e:  # a bad argument, or a figure path that cannot be written
         sys.exit(f"error: {e}")
