@@ -1,7 +1,8 @@
 """
-The command line and the machine, shared by the scripts (train.py, sample.py, evaluate.py): flags from a TOML file
-and --key=value, each numeric flag's range, the signals that stop a script, outputs that must not be inputs, the
-device and precision to run in, and matplotlib when it is installed.
+The command line and the machine, shared by the scripts (train.py, sample.py, evaluate.py): flags
+from a TOML file and --key=value, each numeric flag's range, the signals that stop a script,
+outputs that must not be inputs, the device and precision to run in, and matplotlib when it is
+installed.
 """
 import os
 import signal
@@ -11,24 +12,29 @@ from pathlib import Path
 
 import torch
 
-DEVICE_FLAGS = {  # where and in what precision to run: train.py, sample.py and evaluate.py all take these
+# where and in what precision to run: train.py, sample.py and evaluate.py all take these
+DEVICE_FLAGS = {
     "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
-    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one of those; on a CPU, "
-                       "bfloat16 generates and scores in bfloat16 weights (1.5-2.3x faster decoding)"),
-    "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for tiny models on a busy "
-                   "machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s with 2 while the other core is busy)"),
+    "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one "
+                      "of those; on a CPU, bfloat16 generates and scores in bfloat16 weights "
+                      "(1.5-2.3x faster decoding)"),
+    "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for "
+                   "tiny models on a busy machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s "
+                   "with 2 while the other core is busy)"),
 }
 DEVICE_RANGES = {"threads": "[0, inf)"}
 
 
 def parse_flags(defaults, argv, doc):
-    """nanoGPT's configuration without exec: an optional TOML file, then --key=value flags, each parsed as the
-    type of its default (a bare --flag means True). --help prints every flag with its default."""
+    """nanoGPT's configuration without exec: an optional TOML file, then --key=value flags, each
+    parsed as the type of its default (a bare --flag means True). --help prints every flag with its
+    default."""
     config = {key: value for key, (value, _) in defaults.items()}
     for arg in argv:
         if arg in ("-h", "--help"):
             lines = [doc.strip(), "", "flags, with their defaults:"]
-            lines += [f"  {f'--{key}={value}':<30} {text}" for key, (value, text) in defaults.items()]
+            for key, (value, text) in defaults.items():
+                lines.append(f"  {f'--{key}={value}':<30} {text}")
             try:
                 print("\n".join(lines))
             except BrokenPipeError:  # --help | head
@@ -48,7 +54,8 @@ def parse_flags(defaults, argv, doc):
 
 
 def given_keys(argv):
-    """The flags this command line sets, by a TOML file or a --key=value flag (parse_flags has checked them all)."""
+    """The flags this command line sets, by a TOML file or a --key=value flag (parse_flags has
+    checked them all)."""
     keys = set()
     for arg in argv:
         if arg.endswith(".toml") and not arg.startswith("--"):
@@ -59,9 +66,10 @@ def given_keys(argv):
 
 
 def check_ranges(config, ranges):
-    """Every numeric flag in its interval, or a one-line ValueError naming it. `ranges` maps a flag to an interval
-    written as in mathematics: "[0, 1)" holds 0 and not 1, "(0, inf)" every positive number. NaN lies in no
-    interval and an infinity only in one closed at it, so one check also refuses what is not a finite number."""
+    """Every numeric flag in its interval, or a one-line ValueError naming it. `ranges` maps a flag
+    to an interval written as in mathematics: "[0, 1)" holds 0 and not 1, "(0, inf)" every positive
+    number. NaN lies in no interval and an infinity only in one closed at it, so one check also
+    refuses what is not a finite number."""
     for key, interval in ranges.items():
         value = config[key]
         low, high = (float(end) for end in interval[1:-1].split(","))
@@ -72,7 +80,8 @@ def check_ranges(config, ranges):
 
 
 def in_words(interval, low, high):
-    """An interval in words, for an error message: "1 or more", "more than 0", "a number in [0, 1)"."""
+    """An interval in words, for an error message: "1 or more", "more than 0", "a number in [0,
+    1)"."""
     if (low, high) == (float("-inf"), float("inf")):
         return "a finite number"
     if high == float("inf"):
@@ -82,18 +91,22 @@ def in_words(interval, low, high):
 
 
 def refuse_overwriting(outputs, inputs):
-    """One line if an output file (flag -> path) is an input file (flag -> path), the same file by inode, so that
-    another spelling, a link or a relative path cannot overwrite what a run reads."""
+    """One line if an output file (flag -> path) is an input file (flag -> path), the same file by
+    inode, so that another spelling, a link or a relative path cannot overwrite what a run
+    reads."""
     for out_flag, out in outputs.items():
         for in_flag, source in inputs.items():
-            if source and Path(out).exists() and Path(source).exists() and os.path.samefile(out, source):
-                raise ValueError(f"{out_flag}={out} is the input {in_flag}={source}: writing it would destroy the "
-                                 f"input; choose another {out_flag}")
+            if not source or not Path(out).exists() or not Path(source).exists():
+                continue
+            if os.path.samefile(out, source):
+                raise ValueError(f"{out_flag}={out} is the input {in_flag}={source}: writing it "
+                                 f"would destroy the input; choose another {out_flag}")
 
 
 class Stopped(BaseException):
-    """Ctrl-C or SIGTERM: stop and say what was kept. `code` is the exit status a shell expects, 128 + the
-    signal. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+    """Ctrl-C or SIGTERM: stop and say what was kept. `code` is the exit status a shell expects,
+    128 + the signal. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    swallows it."""
 
     def __init__(self, code, message):
         super().__init__(message)
@@ -101,8 +114,8 @@ class Stopped(BaseException):
 
 
 def on_sigterm(signum, frame):
-    """The SIGTERM handler of sample.py and evaluate.py: raise Stopped where the script is, so that its own code
-    keeps what it has and stops its children, as on Ctrl-C."""
+    """The SIGTERM handler of sample.py and evaluate.py: raise Stopped where the script is, so that
+    its own code keeps what it has and stops its children, as on Ctrl-C."""
     raise Stopped(128 + signal.SIGTERM, "terminated")
 
 
@@ -127,7 +140,7 @@ def convert(where, value, kind):
         raise ValueError(f"{where}={value}: expected {kind.__name__}") from None
 
 
-# ------------------------------------------------------------------------ device, precision and plots
+# ------------------------------------------------------------------- device, precision and plots
 
 def use_threads(n):
     """--threads: how many CPU threads PyTorch's operations use (0: leave PyTorch's default)."""
@@ -141,13 +154,18 @@ def pick_device(name="auto"):
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise ValueError(f"--device={name}: not a device (cpu, cuda, cuda:1, mps, or auto)") from None
-        available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+            raise ValueError(f"--device={name}: not a device (cpu, cuda, cuda:1, mps, or auto)") \
+                from None
+        mps = getattr(torch.backends, "mps", None)
+        available = {"cpu": True,
+                     "cuda": torch.cuda.is_available(),
+                     "mps": mps is not None and mps.is_available()}
         if not available.get(device.type, False):
             raise ValueError(f"--device={name}: this machine has no {device.type} device")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "cuda" and device.index is not None:
+            count = torch.cuda.device_count()
+            if device.index >= count:
+                raise ValueError(f"--device={name}: this machine has {count} CUDA device(s)")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -157,8 +175,8 @@ def pick_device(name="auto"):
 
 
 def pick_dtype(device, name="auto"):
-    """'auto': bfloat16 autocast on CUDA where supported, else float16 (with a GradScaler when training),
-    float32 on CPU and MPS."""
+    """'auto': bfloat16 autocast on CUDA where supported, else float16 (with a GradScaler when
+    training), float32 on CPU and MPS."""
     if name != "auto":
         if name not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype={name}: expected auto, float32, bfloat16 or float16")
@@ -169,24 +187,26 @@ def pick_dtype(device, name="auto"):
 
 
 def autocast(device, dtype):
-    """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in float32."""
+    """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in
+    float32."""
     if dtype == "float32":
         return torch.autocast(device_type=device.split(":")[0], enabled=False)
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
 def for_inference(model, device, dtype):
-    """The model on `device` in eval mode, to generate and score. On a CPU, --dtype=bfloat16 makes the weights
-    themselves bfloat16: decoding reads every weight once a token, and half the bytes measured 1.5-1.7x the
-    speed at batch 1 and 2.1-2.3x at batch 8 on our CPU (tests/bench.py generate; autocast over float32 weights
-    casts them again every step: 0.96x). Training keeps float32 weights under autocast; on GPUs autocast does
-    the mixed precision."""
+    """The model on `device` in eval mode, to generate and score. On a CPU, --dtype=bfloat16 makes
+    the weights themselves bfloat16: decoding reads every weight once a token, and half the bytes
+    measured 1.5-1.7x the speed at batch 1 and 2.1-2.3x at batch 8 on our CPU (tests/bench.py
+    generate; autocast over float32 weights casts them again every step: 0.96x). Training keeps
+    float32 weights under autocast; on GPUs autocast does the mixed precision."""
     model = model.to(device).eval()
     return model.to(torch.bfloat16) if device == "cpu" and dtype == "bfloat16" else model
 
 
 def pyplot(what):
-    """matplotlib's pyplot, drawing to files, or None with a note on how to get `what` (it is optional)."""
+    """matplotlib's pyplot, drawing to files, or None with a note on how to get `what` (it is
+    optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
