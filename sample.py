@@ -1,22 +1,24 @@
 """
-Answer instructions with GPT-2, a finetuned checkpoint, or GPT-2 times the rule-based LM (paper section 5).
+Answer instructions with GPT-2, a finetuned checkpoint, or GPT-2 times the rule-based LM (paper
+section 5).
 
-    python sample.py --prompt="Give me a recipe for tiramisu."             # plain GPT-2
-    python sample.py --rules --prompt="Give me a recipe for tiramisu."     # GPT-2 x the three rules
-    python sample.py --init_from=out/response_tuning --prompt="..."        # a train.py run
-    python sample.py --rules --instructions=val.jsonl --out=rules.json     # a file -> AlpacaEval JSON
-    python sample.py --raw --prompt="The capital of France is"             # plain continuation, no chat format
-    python sample.py --rules                                               # chat in a terminal
+    python sample.py --prompt="Give me a recipe for tiramisu."            # plain GPT-2
+    python sample.py --rules --prompt="Give me a recipe for tiramisu."    # GPT-2 x the 3 rules
+    python sample.py --init_from=out/response_tuning --prompt="..."       # a train.py run
+    python sample.py --rules --instructions=val.jsonl --out=rules.json    # -> AlpacaEval JSON
+    python sample.py --raw --prompt="The capital of France is"  # plain text, no chat format
+    python sample.py --rules                                              # chat in a terminal
 
-Only the response is printed to stdout (streamed when stdout is a terminal); everything else goes to stderr.
-Decoding is greedy by default, as in the paper's evaluation; --greedy=False samples with --temperature,
---top_k and --top_p.
+Only the response is printed to stdout (streamed when stdout is a terminal); everything else goes
+to stderr. Decoding is greedy by default, as in the paper's evaluation; --greedy=False samples with
+--temperature, --top_k and --top_p.
 
-With --instructions, each answer is appended to OUT.partial.jsonl as soon as it is written, so Ctrl-C (exit 130),
-SIGTERM (143) or a crash loses at most the batch being generated; the same command again resumes from there.
-The AlpacaEval JSON list goes to OUT at the end and the partial file is removed. A prompt that would leave the
-answer less than a quarter of the context (or --max_new_tokens, if fewer) is cut from the left, keeping the
-question and the tags that ask for the answer; the cuts are counted.
+With --instructions, each answer is appended to OUT.partial.jsonl as soon as it is written, so
+Ctrl-C (exit 130), SIGTERM (143) or a crash loses at most the batch being generated; the same
+command again resumes from there. The AlpacaEval JSON list goes to OUT at the end and the partial
+file is removed. A prompt that would leave the answer less than a quarter of the context (or
+--max_new_tokens, if fewer) is cut from the left, keeping the question and the tags that ask for
+the answer; the cuts are counted.
 """
 import json
 import math
@@ -29,71 +31,87 @@ from pathlib import Path
 from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, check_ranges, for_inference, on_sigterm, parse_flags, pick_device,
-                 pick_dtype, refuse_overwriting, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, check_ranges, for_inference, on_sigterm,
+                 parse_flags, pick_device, pick_dtype, refuse_overwriting, use_threads)
 from model import GPT
 from rules import parse_rules, respond
 
-# ----------------------------------------------------------------------------------------------- defaults
+# -------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
-    "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory, a .safetensors file, or a train.py out_dir"),
+    "init_from": ("gpt2", "gpt2 ... gpt2-xl, an HF directory, a .safetensors file, or a train.py "
+                          "out_dir"),
     "prompt": ("", "the instruction to answer (or, with --raw, the text to continue)"),
     "raw": (False, "continue --prompt as plain text, without the chat format"),
-    "instructions": ("", "JSONL with an 'instruction' per line, or AlpacaEval's JSON list: answer them all"),
+    "instructions": ("", "JSONL with an 'instruction' per line, or AlpacaEval's JSON list: answer "
+                         "them all"),
     "out": ("outputs.json", "with --instructions: where the AlpacaEval-format answers go"),
     "batch_size": (8, "with --instructions: prompts generated together"),
-    "rules": ("none", "rules multiplied in: eos,diversity,uniform (a bare --rules = all), or none"),
-    "eos_hold": (False, "keep the EOS bias at +15 after 250 tokens (the official code drops it to 0)"),
-    "response_only": (False, "diversity rule on response tokens only (the official code includes the instruction)"),
-    "fixed_tags": (False, "the rules keep the prompt's user and assistant tags (the official code re-finds the last "
-                          "ones in the whole sequence: a turn the model opens restarts them)"),
-    "what_bias": (-5.0, "uniform-rule bias on 'What' (GPT-2 id 2061; Listing 1 and the code: -5; Table 8: -3)"),
-    "max_new_tokens": (1024, "stop after this many new tokens if <|endoftext|> has not come; the context (1,024 for "
-                              "GPT-2) ends it too, so 1024 = until <|endoftext|>, as the official evaluation (the context)"),
+    "rules": ("none", "rules multiplied in: eos,diversity,uniform (a bare --rules = all), or "
+                      "none"),
+    "eos_hold": (False, "keep the EOS bias at +15 after 250 tokens (the official code drops it to "
+                        "0)"),
+    "response_only": (False, "diversity rule on response tokens only (the official code includes "
+                             "the instruction)"),
+    "fixed_tags": (False, "the rules keep the prompt's user and assistant tags (the official code "
+                          "re-finds the last ones in the whole sequence: a turn the model opens "
+                          "restarts them)"),
+    "what_bias": (-5.0, "uniform-rule bias on 'What' (GPT-2 id 2061; Listing 1 and the code: -5; "
+                        "Table 8: -3)"),
+    "max_new_tokens": (1024, "stop after this many new tokens if <|endoftext|> has not come; the "
+                             "context (1,024 for GPT-2) ends it too, so 1024 = until "
+                             "<|endoftext|>, as the official evaluation (the context)"),
     "greedy": (True, "argmax decoding, as in the paper's evaluation; False samples"),
     "temperature": (1.0, "sampling temperature (with --greedy=False)"),
     "top_k": (0, "sample only from the k most likely tokens; 0 = all"),
     "top_p": (1.0, "sample only from the smallest set of tokens with this much probability"),
     "seed": (1337, "random seed for sampling"),
-    "compile": (False, "decode through torch.compile in fixed shapes (CUDA graphs on a GPU; slow to start, then "
-                       "faster; the same tokens)"),
+    "compile": (False, "decode through torch.compile in fixed shapes (CUDA graphs on a GPU; slow "
+                       "to start, then faster; the same tokens)"),
     **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
-RANGES = {"top_k": "[0, inf)", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)", "batch_size": "[1, inf)",
-          "what_bias": "(-inf, inf)", "seed": "[0, 1e18]", **DEVICE_RANGES}  # and temperature, when sampling
-# ---------------------------------------------------------------------------------------------------------
+# and temperature, when sampling (check_flags)
+RANGES = {"top_k": "[0, inf)", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)",
+          "batch_size": "[1, inf)", "what_bias": "(-inf, inf)", "seed": "[0, 1e18]",
+          **DEVICE_RANGES}
+# -------------------------------------------------------------------------------------------------
 
 
 # flags that change the answers: a resumed file must have been started with the same ones
-ANSWER_FLAGS = ("init_from", "rules", "eos_hold", "response_only", "fixed_tags", "what_bias", "max_new_tokens",
-                "greedy", "temperature", "top_k", "top_p", "seed")
+ANSWER_FLAGS = ("init_from", "rules", "eos_hold", "response_only", "fixed_tags", "what_bias",
+                "max_new_tokens", "greedy", "temperature", "top_k", "top_p", "seed")
 
 
 def check_flags(config, argv):
-    """Reject values that would fail deep inside generation, or silently do something else; each error names
-    its flag. Returns the config with a bare --rules spelled 'all'."""
-    for arg in argv:  # parse_flags reads a bare --flag as "True", which for a text flag is a wrong value
+    """Reject values that would fail deep inside generation, or silently do something else; each
+    error names its flag. Returns the config with a bare --rules spelled 'all'."""
+    # parse_flags reads a bare --flag as "True", which for a text flag is a wrong value
+    for arg in argv:
         key = arg.removeprefix("--")
-        if arg.startswith("--") and key in DEFAULTS and isinstance(DEFAULTS[key][0], str) and key != "rules":
+        if not arg.startswith("--") or key not in DEFAULTS or key == "rules":
+            continue
+        if isinstance(DEFAULTS[key][0], str):
             raise ValueError(f"{arg} needs a value: {arg}=...")
     check_ranges(config, RANGES)
-    if not (config["greedy"] or 0 < config["temperature"] < math.inf):  # NaN fails every comparison
-        raise ValueError(f"--temperature={config['temperature']}: expected a number above 0 when sampling "
-                         f"(--greedy=False)")
-    if config["rules"].lower() == "true":  # a bare --rules: say which rules, in the header and the generator name
+    # NaN fails every comparison
+    if not (config["greedy"] or 0 < config["temperature"] < math.inf):
+        raise ValueError(f"--temperature={config['temperature']}: expected a number above 0 when "
+                         f"sampling (--greedy=False)")
+    # a bare --rules: say which rules, in the header and the generator name
+    if config["rules"].lower() == "true":
         config = {**config, "rules": "all"}
     return config
 
 
 def answer_room(block_size, max_new_tokens):
-    """Tokens of the context kept free for an answer: a quarter of it, or max_new_tokens if fewer."""
+    """Tokens of the context kept free for an answer: a quarter of it, or max_new_tokens if
+    fewer."""
     return min(max_new_tokens, block_size // 4)
 
 
 def fit_prompt(prompt, block_size, max_new_tokens):
-    """(prompt, cut): a prompt that leaves the answer less than answer_room tokens loses its start, so that
-    what is kept is the end of the instruction, where the question and "<|assistant|>\\n" are. The user tag is
-    put back in front: the model has only seen turns that open with it."""
+    """(prompt, cut): a prompt that leaves the answer less than answer_room tokens loses its start,
+    so that what is kept is the end of the instruction, where the question and "<|assistant|>\\n"
+    are. The user tag is put back in front: the model has only seen turns that open with it."""
     keep = block_size - answer_room(block_size, max_new_tokens)
     if len(prompt) <= keep:
         return prompt, False
@@ -102,11 +120,12 @@ def fit_prompt(prompt, block_size, max_new_tokens):
 
 
 class Printer:
-    """Streams tokens as text: decodes everything so far and prints what is new, holding back a partial UTF-8
-    character (a token can end in the middle of one)."""
+    """Streams tokens as text: decodes everything so far and prints what is new, holding back a
+    partial UTF-8 character (a token can end in the middle of one)."""
 
     def __init__(self):
-        self.tokens, self.shown = [], ""
+        self.tokens = []  # the answer so far
+        self.shown = ""  # the text printed so far
 
     def __call__(self, token):
         self.tokens.append(token)
@@ -117,11 +136,12 @@ class Printer:
             self.shown = text
 
 
-# --------------------------------------------------------------------------------- --instructions: a file
+# ------------------------------------------------------------------------ --instructions: a file
 
 def check_out(name, inputs):
-    """--out must be a file we can write, or we would find out only after generating every answer; neither it
-    nor its partial file may be an input (flag -> path): a rerun would then read our answers as its input."""
+    """--out must be a file we can write, or we would find out only after generating every answer;
+    neither it nor its partial file may be an input (flag -> path): a rerun would then read our
+    answers as its input."""
     out = Path(name)
     refuse_overwriting({"--out": out, "--out's partial file": partial_path(out)}, inputs)
     if out.is_dir():
@@ -142,8 +162,9 @@ def partial_path(out):
 
 
 def read_partial(path, rows, settings):
-    """The answers an earlier run with the same settings kept in `path`, checked against the instructions in
-    order; [] if there is no such file. A line torn by a killed run is dropped (its answer is generated again)."""
+    """The answers an earlier run with the same settings kept in `path`, checked against the
+    instructions in order; [] if there is no such file. A line torn by a killed run is dropped (its
+    answer is generated again)."""
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -152,36 +173,46 @@ def read_partial(path, rows, settings):
         return []
     where, header = lines[0]
     if not isinstance(header, dict) or not isinstance(header.get("settings"), dict):
-        raise ValueError(f"{where}: not a partial answer file of sample.py (delete it to start over)")
+        raise ValueError(f"{where}: not a partial answer file of sample.py "
+                         f"(delete it to start over)")
     changed = [key for key in ANSWER_FLAGS if header["settings"].get(key) != settings[key]]
     if changed:
         key = changed[0]
-        raise ValueError(f"{path}: started with --{key}={header['settings'].get(key)}, now --{key}={settings[key]}; "
+        before = header["settings"].get(key)
+        raise ValueError(f"{path}: started with --{key}={before}, now --{key}={settings[key]}; "
                          f"rerun with the same flags, or delete it to start over")
     answers = []
     for i, (where, answer) in enumerate(lines[1:]):
         if not isinstance(answer, dict) or not isinstance(answer.get("output"), str):
             raise ValueError(f"{where}: not an answer (delete the file to start over)")
         if i >= len(rows) or answer.get("instruction") != rows[i]["instruction"]:
-            raise ValueError(f"{where}: answers another instruction than --instructions' item {i + 1} "
-                             f"(delete the file to start over)")
+            raise ValueError(f"{where}: answers another instruction than --instructions' item "
+                             f"{i + 1} (delete the file to start over)")
         answers.append(answer)
     return answers
 
 
 def generate_answers(model, rows, answers, file, config, rule_set, device, dtype, generator):
-    """Answer rows[len(answers):] in batches, appending each answer to `answers` and to `file` (flushed per
-    batch) as it comes. Returns how many prompts were cut to fit the context."""
+    """Answer rows[len(answers):] in batches, appending each answer to `answers` and to `file`
+    (flushed per batch) as it comes. Returns how many prompts were cut to fit the context."""
     cut = 0
-    with tqdm(total=len(rows), initial=len(answers), desc="generating", unit="answer", file=sys.stderr) as bar:
+    bar = tqdm(total=len(rows), initial=len(answers), desc="generating", unit="answer",
+               file=sys.stderr)
+    with bar:
         for i in range(len(answers), len(rows), config["batch_size"]):
             batch = rows[i:i + config["batch_size"]]
-            prompts = [fit_prompt(chat.encode_prompt(r["instruction"]), model.config.block_size,
-                                  config["max_new_tokens"]) for r in batch]
-            cut += sum(was_cut for _, was_cut in prompts)
-            for row, out in zip(batch, respond(model, [p for p, _ in prompts], config, rule_set, device, dtype)):
-                answers.append({"instruction": row["instruction"], "output": chat.decode(out).strip(),
-                                "generator": generator, "dataset": row["dataset"]})
+            prompts = []
+            for row in batch:
+                prompt, was_cut = fit_prompt(chat.encode_prompt(row["instruction"]),
+                                             model.config.block_size, config["max_new_tokens"])
+                prompts.append(prompt)
+                cut += was_cut
+            outs = respond(model, prompts, config, rule_set, device, dtype)
+            for row, out in zip(batch, outs):
+                answers.append({"instruction": row["instruction"],
+                                "output": chat.decode(out).strip(),
+                                "generator": generator,
+                                "dataset": row["dataset"]})
                 file.write(json.dumps(answers[-1], ensure_ascii=False) + "\n")
             file.flush()
             bar.update(len(batch))
@@ -189,45 +220,63 @@ def generate_answers(model, rows, answers, file, config, rule_set, device, dtype
 
 
 def read_file_job(config):
-    """(instructions, --out, answers kept by an interrupted run): everything that can be wrong with the files,
-    found before a model download and hours of generation."""
+    """(instructions, --out, answers kept by an interrupted run): everything that can be wrong with
+    the files, found before a model download and hours of generation."""
     model = Path(config["init_from"])  # a file, or a directory whose files are the model
-    inputs = {"--instructions": config["instructions"], "--init_from": model,
-              **{f"--init_from's {name}": model / name for name in ("config.json", "model.safetensors")}}
-    rows, out = chat.read_instructions(config["instructions"]), check_out(config["out"], inputs)
-    return rows, out, read_partial(partial_path(out), rows, {key: config[key] for key in ANSWER_FLAGS})
+    inputs = {"--instructions": config["instructions"], "--init_from": model}
+    for name in ("config.json", "model.safetensors"):
+        inputs[f"--init_from's {name}"] = model / name
+    rows = chat.read_instructions(config["instructions"])
+    out = check_out(config["out"], inputs)
+    settings = {key: config[key] for key in ANSWER_FLAGS}
+    return rows, out, read_partial(partial_path(out), rows, settings)
 
 
 def answer_file(model, config, rule_set, device, dtype, rows, out, answers):
-    """Answer every instruction of `rows` into `out` (AlpacaEval's JSON list), after the `answers` an earlier run
-    kept, resumably: see the docstring."""
-    generator = f"{Path(config['init_from']).name or config['init_from']}" + (f"+rules:{config['rules']}" if rule_set.on else "")
-    settings, partial = {key: config[key] for key in ANSWER_FLAGS}, partial_path(out)
+    """Answer every instruction of `rows` into `out` (AlpacaEval's JSON list), after the `answers`
+    an earlier run kept, resumably: see the docstring."""
+    generator = Path(config["init_from"]).name or config["init_from"]
+    if rule_set.on:
+        generator += f"+rules:{config['rules']}"
+    settings = {key: config[key] for key in ANSWER_FLAGS}
+    partial = partial_path(out)
     if answers:
-        print(f"resuming from {partial}: {len(answers)} of {len(rows)} instructions already answered", file=sys.stderr)
+        print(f"resuming from {partial}: {len(answers)} of {len(rows)} instructions already "
+              f"answered", file=sys.stderr)
     # rewritten whole, so that a torn last line is gone before we append
     chat.write_jsonl(partial, [{"settings": settings}] + answers)
     try:
         with open(partial, "a", encoding="utf-8") as file:
-            cut = generate_answers(model, rows, answers, file, config, rule_set, device, dtype, generator)
+            cut = generate_answers(model, rows, answers, file, config, rule_set, device, dtype,
+                                   generator)
     except (KeyboardInterrupt, Stopped) as e:
-        code, what = (e.code, str(e)) if isinstance(e, Stopped) else (128 + signal.SIGINT, "interrupted")
+        if isinstance(e, Stopped):
+            code, what = e.code, str(e)
+        else:
+            code, what = 128 + signal.SIGINT, "interrupted"
         raise Stopped(code, f"{what}: {len(answers)} of {len(rows)} answers kept in {partial}; "
                             f"run the same command again to resume") from None
     if cut:
-        keep = model.config.block_size - answer_room(model.config.block_size, config["max_new_tokens"])
-        print(f"{cut} instruction{'s' if cut > 1 else ''} too long for the {model.config.block_size}-token context "
-              f"{'were' if cut > 1 else 'was'} cut from the left to {keep} tokens", file=sys.stderr)
+        block = model.config.block_size
+        keep = block - answer_room(block, config["max_new_tokens"])
+        noun, verb = "instruction", "was"
+        if cut > 1:
+            noun, verb = "instructions", "were"
+        print(f"{cut} {noun} too long for the {block}-token context {verb} cut from the left to "
+              f"{keep} tokens", file=sys.stderr)
     chat.write_atomic(out, json.dumps(answers, indent=2, ensure_ascii=False))
     partial.unlink()
-    print(f"wrote {len(answers)} answers to {out} (AlpacaEval format, generator {generator!r})", file=sys.stderr)
+    print(f"wrote {len(answers)} answers to {out} (AlpacaEval format, generator {generator!r})",
+          file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------- a chat in the terminal
+# ------------------------------------------------------------------------ a chat in the terminal
 
 def interactive(model, config, rule_set, device, dtype):
-    """A chat in the terminal: the conversation so far is the prompt; /reset forgets it, Ctrl-D leaves."""
-    print("chat with the model; /reset starts over, Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
+    """A chat in the terminal: the conversation so far is the prompt; /reset forgets it, Ctrl-D
+    leaves."""
+    print("chat with the model; /reset starts over, Ctrl-C stops a reply, Ctrl-D quits",
+          file=sys.stderr)
     messages = []
     while True:
         try:
@@ -242,15 +291,17 @@ def interactive(model, config, rule_set, device, dtype):
 
 
 def chat_turn(model, messages, text, config, rule_set, device, dtype):
-    """The conversation with the user's `text` and the model's reply added. A message too long to leave room
-    for a reply is refused (the conversation is returned unchanged). Ctrl-C during the reply stops it, and the
-    part already shown stays in the conversation, so that the model remembers what the screen shows."""
+    """The conversation with the user's `text` and the model's reply added. A message too long to
+    leave room for a reply is refused (the conversation is returned unchanged). Ctrl-C during the
+    reply stops it, and the part already shown stays in the conversation, so that the model
+    remembers what the screen shows."""
     block = model.config.block_size
     limit = block - answer_room(block, config["max_new_tokens"])
     alone = len(chat.encode_prompt(text))
     if alone > limit:
         print(f"(message not sent: {alone} tokens with the chat tags, and this model's "
-              f"{block}-token context holds {limit} before the reply; shorten it)", file=sys.stderr)
+              f"{block}-token context holds {limit} before the reply; shorten it)",
+              file=sys.stderr)
         return messages
     messages = messages + [{"role": "user", "content": text}]
     prompt = chat.encode_prompt(messages)
@@ -267,28 +318,34 @@ def chat_turn(model, messages, text, config, rule_set, device, dtype):
     return messages + [{"role": "assistant", "content": chat.decode(out)}]
 
 
-# ---------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------ main
 
 def main(argv):
     config = check_flags(parse_flags(DEFAULTS, argv, __doc__), argv)
-    rule_set = parse_rules(config["rules"], eos_hold=config["eos_hold"], response_only=config["response_only"],
-                           fixed_tags=config["fixed_tags"], what_bias=config["what_bias"])
+    rule_set = parse_rules(config["rules"], eos_hold=config["eos_hold"],
+                           response_only=config["response_only"], fixed_tags=config["fixed_tags"],
+                           what_bias=config["what_bias"])
     use_threads(config["threads"])
     device = pick_device(config["device"])
     dtype = pick_dtype(device, config["dtype"])
-    if not (config["prompt"] or config["instructions"] or (sys.stdin.isatty() and sys.stdout.isatty())):
-        raise ValueError('nothing to answer: give --prompt="..." or --instructions=FILE (or run in a terminal to chat)')
+    in_terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    if not (config["prompt"] or config["instructions"] or in_terminal):
+        raise ValueError('nothing to answer: give --prompt="..." or --instructions=FILE '
+                         '(or run in a terminal to chat)')
     if config["instructions"]:  # the files are checked before the model loads
         job = read_file_job(config)
     t0 = time.time()
     model = for_inference(GPT.from_pretrained(config["init_from"]), device, dtype)
-    print(f"loaded {config['init_from']} ({model.num_params() / 1e6:.0f}M parameters) on {device} in {dtype} "
-          f"in {time.time() - t0:.1f}s; rules: {config['rules']}", file=sys.stderr)
+    print(f"loaded {config['init_from']} ({model.num_params() / 1e6:.0f}M parameters) on {device} "
+          f"in {dtype} in {time.time() - t0:.1f}s; rules: {config['rules']}", file=sys.stderr)
     if config["instructions"]:
         return answer_file(model, config, rule_set, device, dtype, *job)
     if not config["prompt"]:
         return interactive(model, config, rule_set, device, dtype)
-    prompt = chat.encode(config["prompt"]) if config["raw"] else chat.encode_prompt(config["prompt"])
+    if config["raw"]:
+        prompt = chat.encode(config["prompt"])
+    else:
+        prompt = chat.encode_prompt(config["prompt"])
     if sys.stdout.isatty():
         respond(model, [prompt], config, rule_set, device, dtype, stream=Printer())
         print()
