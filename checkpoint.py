@@ -8,8 +8,8 @@ The checkpoint formats, read and written in one place:
 - a train.py run directory: ckpt.pt (everything needed to resume), progress.json (how far the run got: what
   evaluate.py asks before it trusts a run) and that same HF export, replaced together at every checkpoint.
 
-It knows nothing of the network: the HF config becomes a dict of GPTConfig's fields, and model.py builds the
-GPTConfig from it.
+It knows nothing of the network: the HF config becomes a dict of GPTConfig's fields, and model.py
+builds the GPTConfig from it.
 """
 import json
 import math
@@ -30,8 +30,9 @@ HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium
 # -------------------------------------------------------------------- HF model directories and .safetensors
 
 def read_pretrained(name_or_path):
-    """(GPTConfig's fields, tensors, path) of `gpt2` ... `gpt2-xl` from the hub (cached), an HF directory
-    (config.json + model.safetensors), or a .safetensors file whose config is read off its tensor shapes."""
+    """(GPTConfig's fields, tensors, path) of `gpt2` ... `gpt2-xl` from the hub (cached), an HF
+    directory (config.json + model.safetensors), or a .safetensors file whose config is read off
+    its tensor shapes."""
     path = Path(name_or_path)
     if str(name_or_path) in HUB_MODELS:
         import hub  # only needed for downloads
@@ -40,7 +41,8 @@ def read_pretrained(name_or_path):
         hub.cached_download(repo, "model.safetensors")
         try:
             return read_pretrained(path)
-        except ValueError as e:  # a cached file that does not parse (cached by an older version, or changed)
+        # a cached file that does not parse (cached by an older version, or changed)
+        except ValueError as e:
             raise ValueError(f"{e}; it is a cached download: delete {path} and run again to download it "
                              f"afresh") from None
     if path.is_dir():
@@ -58,8 +60,9 @@ def read_pretrained(name_or_path):
 
 
 def write_pretrained(directory, c, tensors):
-    """Write config.json + model.safetensors as transformers' save_pretrained does, for the GPTConfig `c` and the
-    state dict `tensors` (lm_head.weight left out: it is wte's). Each file goes to a temp name and is renamed."""
+    """Write config.json + model.safetensors as transformers' save_pretrained does, for the
+    GPTConfig `c` and the state dict `tensors` (lm_head.weight left out: it is wte's). Each file
+    goes to a temp name and is renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
@@ -68,7 +71,8 @@ def write_pretrained(directory, c, tensors):
           "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True,
           "attn_pdrop": c.dropout, "embd_pdrop": c.dropout, "resid_pdrop": c.dropout}
     metadata = {"format": "pt", "n_head": str(c.n_head)}
-    if c.token_ids is not None:  # transformers keeps the extra field; its logits are over these rows
+    # transformers keeps the extra field; its logits are over these rows
+    if c.token_ids is not None:
         hf["token_ids"] = list(c.token_ids)
         metadata["token_ids"] = json.dumps(list(c.token_ids))
     chat.write_atomic(directory / "config.json", json.dumps(hf, indent=2))
@@ -76,14 +80,16 @@ def write_pretrained(directory, c, tensors):
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-MAX_HEADER = 100 * 1024 * 1024  # a header is JSON describing tensors; anything bigger is not a checkpoint
+# a header is JSON describing tensors; anything bigger is not a checkpoint
+MAX_HEADER = 100 * 1024 * 1024
 
 
 def load_safetensors(path):
     """Read a .safetensors file into {name: tensor}, checking every byte range first.
 
-    Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}, and an
-    optional "__metadata__"}, then the data section; offsets are relative to the data section."""
+    Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape,
+    data_offsets}, and an optional "__metadata__"}, then the data section; offsets are relative to
+    the data section."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -125,7 +131,8 @@ def load_safetensors(path):
             spans.append((offsets[0], offsets[1], name))
         end = 0
         for begin, stop, name in sorted(spans):
-            if begin != end:  # the data section must be covered exactly once, with no overlap and no hole
+            # the data section must be covered exactly once, with no overlap and no hole
+            if begin != end:
                 raise ValueError(f"{path}: tensor '{name}' starts at byte {begin}, expected {end} "
                                  f"({'overlap' if begin < end else 'hole'} in the data section)")
             end = stop
@@ -136,9 +143,11 @@ def load_safetensors(path):
             f.seek(8 + n + begin)
             info = header[name]
             t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            f.readinto(t.view(-1).view(torch.uint8).numpy())  # little-endian on disk, as on every host we run on
+            # little-endian on disk, as on every host we run on
+            f.readinto(t.view(-1).view(torch.uint8).numpy())
             tensors[name] = t
-    for name, t in tensors.items():  # a diverged run saves NaNs that would only show up as garbage text later
+    # a diverged run saves NaNs that would only show up as garbage text later
+    for name, t in tensors.items():
         if non_finite(t):
             raise ValueError(f"{path}: tensor '{name}' has {non_finite(t)} NaN or Inf values "
                              f"(a diverged or corrupted checkpoint)")
@@ -146,17 +155,19 @@ def load_safetensors(path):
 
 
 def non_finite(t):
-    """How many NaN or Inf values `t` holds. A sum is finite only if every value is, and summing is 20x faster
-    than isfinite(t) on a CPU (1 s for GPT-2's 124M weights); only a non-finite sum (or one that overflowed
-    float16) pays for the exact count."""
+    """How many NaN or Inf values `t` holds. A sum is finite only if every value is, and summing is
+    20x faster than isfinite(t) on a CPU (1 s for GPT-2's 124M weights); only a non-finite sum (or
+    one that overflowed float16) pays for the exact count."""
     if torch.isfinite(t.sum()):
         return 0
     return t.numel() - int(torch.isfinite(t).sum())
 
 
 def save_safetensors(tensors, path, metadata):
-    """Write {name: tensor} as a .safetensors file (the format load_safetensors reads), atomically."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.float32 -> "F32", ...
+    """Write {name: tensor} as a .safetensors file (the format load_safetensors reads),
+    atomically."""
+    # torch.float32 -> "F32", ...
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -171,11 +182,13 @@ def save_safetensors(tensors, path, metadata):
     os.replace(tmp, path)
 
 
-SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")  # HF's names; n_positions is block_size
+# HF's names; n_positions is block_size
+SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 
 
 def config_from_hf_json(path):
-    """GPTConfig's fields from an HF GPT-2 config.json, refusing variants this GPT does not implement."""
+    """GPTConfig's fields from an HF GPT-2 config.json, refusing variants this GPT does not
+    implement."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (an HF model directory needs config.json + model.safetensors)")
     try:
@@ -203,10 +216,11 @@ def config_from_hf_json(path):
 
 
 def check_sizes(path, config, names):
-    """`config` (GPTConfig's fields) if a GPT can be built from it, else a one-line ValueError: every size must be
-    positive and the heads must split n_embd evenly. `names` says what each size in SIZES is called in the file.
-    A model with fewer rows than GPT-2 and no token_ids (a cut-down export) knows the ids 0 .. vocab_size - 1:
-    said so as token_ids, so that an id past its rows is refused by name instead of indexing past wte."""
+    """`config` (GPTConfig's fields) if a GPT can be built from it, else a one-line ValueError:
+    every size must be positive and the heads must split n_embd evenly. `names` says what each size
+    in SIZES is called in the file. A model with fewer rows than GPT-2 and no token_ids (a cut-down
+    export) knows the ids 0 .. vocab_size - 1: said so as token_ids, so that an id past its rows is
+    refused by name instead of indexing past wte."""
     sizes = {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
              "n_positions": config["block_size"], "vocab_size": config["vocab_size"]}
     for key, value in sizes.items():
@@ -224,7 +238,8 @@ def check_sizes(path, config, names):
 
 
 def check_token_ids(where, ids):
-    """A restricted vocabulary's GPT-2 ids (a JSON list) as a tuple; None stays None (all of GPT-2's)."""
+    """A restricted vocabulary's GPT-2 ids (a JSON list) as a tuple; None stays None (all of
+    GPT-2's)."""
     if ids is None:
         return None
     if not (isinstance(ids, list) and ids and all(type(i) is int and 0 <= i < VOCAB for i in ids)
@@ -234,19 +249,22 @@ def check_token_ids(where, ids):
 
 
 def config_from_shapes(path, tensors, metadata):
-    """GPTConfig's fields for a bare .safetensors file. Shapes fix all sizes but the head count: taken from the file's
-    metadata when it says (our exports do), else GPT-2's 64-dimensional heads (true of all four sizes)."""
+    """GPTConfig's fields for a bare .safetensors file. Shapes fix all sizes but the head count:
+    taken from the file's metadata when it says (our exports do), else GPT-2's 64-dimensional heads
+    (true of all four sizes)."""
     key = {k.removeprefix("transformer."): k for k in tensors}
     for name in ("wte.weight", "wpe.weight"):
         if name not in key:
             raise ValueError(f"{path}: missing tensor '{name}'")
-        if tensors[key[name]].dim() != 2:  # (rows, n_embd); anything else would fail to unpack below
+        # (rows, n_embd); anything else would fail to unpack below
+        if tensors[key[name]].dim() != 2:
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[key[name]].shape)}; "
                              f"expected 2 dimensions")
     vocab_size, n_embd = tensors[key["wte.weight"]].shape
     n_layer = len({k.split(".")[1] for k in key if k.startswith("h.")})
     n_head = metadata.get("n_head", str(max(1, n_embd // 64)))
-    if not (n_head.isascii() and n_head.isdigit()):  # int() would also take " 4", "+4", "4_0" and "٤"
+    # int() would also take " 4", "+4", "4_0" and "٤"
+    if not (n_head.isascii() and n_head.isdigit()):
         raise ValueError(f"{path}: metadata 'n_head' is {n_head[:40]!r}; expected a positive integer")
     try:
         token_ids = json.loads(metadata["token_ids"]) if "token_ids" in metadata else None
@@ -261,7 +279,8 @@ def config_from_shapes(path, tensors, metadata):
 
 
 def load_hf_state_dict(model, tensors, path):
-    """Copy HF GPT-2 tensors into `model`, accepting both the hub's layout and save_pretrained's."""
+    """Copy HF GPT-2 tensors into `model`, accepting both the hub's layout and
+    save_pretrained's."""
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     lm_head = tensors.pop("lm_head.weight", None)
     if lm_head is not None and not torch.equal(lm_head, tensors.get("wte.weight", lm_head)):
@@ -284,15 +303,18 @@ def load_hf_state_dict(model, tensors, path):
 # ------------------------------------------------------------------------------- a train.py run directory
 
 RUN_FILES = ("ckpt.pt", "progress.json", "log.jsonl", "config.json", "model.safetensors", "loss.png")
-MARKS = ("ckpt.pt", "progress.json", "model.safetensors")  # a directory with any of these holds a run (or a model)
-REPLACED = ".replaced"  # an --overwrite run's predecessor waits here until the new run's first checkpoint
+# a directory with any of these holds a run (or a model)
+MARKS = ("ckpt.pt", "progress.json", "model.safetensors")
+# an --overwrite run's predecessor waits here until the new run's first checkpoint
+REPLACED = ".replaced"
 
 
 def progress(out_dir):
-    """{"step", "max_iters", "finished", "init_from", "data", "settings"} of the run in out_dir (progress.json,
-    written with every checkpoint), or None if out_dir holds no run of train.py. A run is finished when its last
-    step is its max_iters; init_from is the model it started from (kept through resumes); settings are the flags
-    that define what it learned (train.py --print_config prints them; {} in runs from before they were kept)."""
+    """{"step", "max_iters", "finished", "init_from", "data", "settings"} of the run in out_dir
+    (progress.json, written with every checkpoint), or None if out_dir holds no run of train.py. A
+    run is finished when its last step is its max_iters; init_from is the model it started from
+    (kept through resumes); settings are the flags that define what it learned (train.py
+    --print_config prints them; {} in runs from before they were kept)."""
     path = Path(out_dir) / "progress.json"
     if not path.is_file():
         return None
@@ -310,18 +332,20 @@ def holds_run(out_dir):
 
 
 def save_run(out_dir, model, state, marks):
-    """Write a checkpoint: ckpt.pt (to resume), the HF export (config.json + model.safetensors) and progress.json
-    (`marks`, see progress()), all from the same step. Everything is written into out_dir/.saving first; only when
-    all of it is on disk are the files moved in, progress.json last, so a full disk or a kill leaves the previous
-    step's files whole, and progress.json never speaks for files older than itself (a resume repairs the rest).
-    The first checkpoint of an --overwrite run lets the run it replaced go (set_aside)."""
+    """Write a checkpoint: ckpt.pt (to resume), the HF export (config.json + model.safetensors) and
+    progress.json (`marks`, see progress()), all from the same step. Everything is written into
+    out_dir/.saving first; only when all of it is on disk are the files moved in, progress.json
+    last, so a full disk or a kill leaves the previous step's files whole, and progress.json never
+    speaks for files older than itself (a resume repairs the rest). The first checkpoint of an
+    --overwrite run lets the run it replaced go (set_aside)."""
     out_dir, staging = Path(out_dir), Path(out_dir) / ".saving"
     try:
         staging.mkdir(exist_ok=True)
         model.save_pretrained(staging)
         save_checkpoint(state, staging / "ckpt.pt")
         chat.write_atomic(staging / "progress.json", json.dumps(marks))
-    except Exception as e:  # OSError, or torch.save's RuntimeError ("file write failed") on a full disk
+    # OSError, or torch.save's RuntimeError ("file write failed") on a full disk
+    except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
         why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
         raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({why}); "
@@ -333,10 +357,11 @@ def save_run(out_dir, model, state, marks):
 
 
 def set_aside(out_dir):
-    """--overwrite, once the new run has checked its flags, data and model: move the old run's files into
-    out_dir/.replaced. The new run's first checkpoint deletes them (save_run); if it fails before one, put_back
-    returns them, so a mistake never costs the run that was there. They gather in .replacing, renamed .replaced in
-    one step once all are there: from then on every run file in out_dir is the new run's."""
+    """--overwrite, once the new run has checked its flags, data and model: move the old run's
+    files into out_dir/.replaced. The new run's first checkpoint deletes them (save_run); if it
+    fails before one, put_back returns them, so a mistake never costs the run that was there. They
+    gather in .replacing, renamed .replaced in one step once all are there: from then on every run
+    file in out_dir is the new run's."""
     out_dir = Path(out_dir)
     moving = out_dir / ".replacing"
     moving.mkdir(exist_ok=True)
@@ -347,10 +372,12 @@ def set_aside(out_dir):
 
 
 def put_back(out_dir):
-    """The new run ended before its first checkpoint: delete what it wrote and return the run it was to replace."""
+    """The new run ended before its first checkpoint: delete what it wrote and return the run it
+    was to replace."""
     out_dir = Path(out_dir)
     moving, aside = out_dir / ".replacing", out_dir / REPLACED
-    if moving.is_dir():  # stopped while setting aside: every file is the old run's, part of them not yet moved
+    # stopped while setting aside: every file is the old run's, part of them not yet moved
+    if moving.is_dir():
         for path in moving.iterdir():
             os.replace(path, out_dir / path.name)
         moving.rmdir()
@@ -364,9 +391,9 @@ def put_back(out_dir):
 
 
 def settle(out_dir):
-    """Finish what a killed --overwrite run left undone: its predecessor still set aside, with (delete it) or
-    without (put it back) a checkpoint of the new run in out_dir. Called under the lock, before anything reads
-    out_dir."""
+    """Finish what a killed --overwrite run left undone: its predecessor still set aside, with
+    (delete it) or without (put it back) a checkpoint of the new run in out_dir. Called under the
+    lock, before anything reads out_dir."""
     out_dir = Path(out_dir)
     if (out_dir / REPLACED).is_dir() and (out_dir / "ckpt.pt").exists():
         shutil.rmtree(out_dir / REPLACED, ignore_errors=True)
@@ -374,19 +401,22 @@ def settle(out_dir):
 
 
 def save_checkpoint(state, path):
-    """torch.save to a temp file, then rename: a crash or SIGKILL mid-write leaves the old checkpoint whole."""
+    """torch.save to a temp file, then rename: a crash or SIGKILL mid-write leaves the old
+    checkpoint whole."""
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path, weights=True):
-    """ckpt.pt of a run, loaded without pickle's code execution (weights_only); a file that is not one of
-    train.py's checkpoints (truncated, random bytes, another program's) is one line. The tensors are mapped from
-    the file, not read, until used; weights=False skips the check that they are finite (which reads them)."""
+    """ckpt.pt of a run, loaded without pickle's code execution (weights_only); a file that is not
+    one of train.py's checkpoints (truncated, random bytes, another program's) is one line. The
+    tensors are mapped from the file, not read, until used; weights=False skips the check that they
+    are finite (which reads them)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated, random or foreign file: the unpickler can fail in any way on bad bytes
+    # a truncated, random or foreign file: the unpickler can fail in any way on bad bytes
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ValueError(f"{path}: not a readable checkpoint of train.py ({first})") from None
     keys = {"model", "model_config", "optimizer", "scaler", "config", "step", "log", "rng"}
@@ -399,9 +429,9 @@ def load_checkpoint(path, weights=True):
 
 
 def unfinished(out_dir):
-    """Why the train.py run in out_dir is not a finished model (a one-line reason with what to do), or None if it
-    is one, or out_dir holds no run. Its ckpt.pt knows the step it reached and the run's max_iters; progress.json
-    must agree with it, or the run was stopped while it saved."""
+    """Why the train.py run in out_dir is not a finished model (a one-line reason with what to do),
+    or None if it is one, or out_dir holds no run. Its ckpt.pt knows the step it reached and the
+    run's max_iters; progress.json must agree with it, or the run was stopped while it saved."""
     out_dir = Path(out_dir)
     state, path = progress(out_dir), out_dir / "ckpt.pt"
     resume = f"python train.py --init_from=resume --out_dir={out_dir}"
@@ -419,8 +449,9 @@ def unfinished(out_dir):
 
 
 def marks_agree(state, ckpt):
-    """Whether progress.json (`state`, see progress()) speaks for the checkpoint `ckpt`: written with it, so that
-    the HF export beside it is the checkpoint's too (save_run moves progress.json in last)."""
+    """Whether progress.json (`state`, see progress()) speaks for the checkpoint `ckpt`: written
+    with it, so that the HF export beside it is the checkpoint's too (save_run moves progress.json
+    in last)."""
     if state is None:
         return False
     max_iters = ckpt.get("max_iters", ckpt["step"])
