@@ -386,6 +386,13 @@ def ranking_set(config, rows):
     return [r for r in chat.read_instructions(path) if r["reference"] is not None], str(path)
 
 
+def cell(value, spec):
+    """A table cell: the value formatted, or "–" where there is none."""
+    if value is None:
+        return "–"
+    return format(value, spec)
+
+
 def markdown(results, compare, ranked_on):
     head = f"| model | stop % | length | repeat % | breaks % | ref NLL | ranking % ({ranked_on}) |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -393,13 +400,12 @@ def markdown(results, compare, ranked_on):
         head += " paper: win % vs instruction-tuned | paper: ranking % |"
         rule += " ---: | ---: |"
     lines = [head, rule]
-    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for label, m in results.items():
         line = (f"| {label} | {m['stop']:.0f} | {m['length']:.0f} | {m['repeat']:.1f} | {m['breaks']:.0f} | "
-                f"{fmt(m.get('nll'), '.3f')} | {fmt(m.get('ranking'), '.1f')} |")
+                f"{cell(m.get('nll'), '.3f')} | {cell(m.get('ranking'), '.1f')} |")
         if compare:
             win, ranking = PAPER.get(label, (None, None))
-            line += f" {fmt(win, '.1f')} | {fmt(ranking, '.1f')} |"
+            line += f" {cell(win, '.1f')} | {cell(ranking, '.1f')} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -581,11 +587,10 @@ def epochs_markdown(results, title):
     lines = [title, "",
              "| epochs | steps | final val loss | stop % | length | repeat % | breaks % | ref NLL |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for label, m in results.items():
-        lines.append(f"| {label} | {m['steps']} | {fmt(m['val_loss'], '.4f')} | {m['stop']:.0f} | "
+        lines.append(f"| {label} | {m['steps']} | {cell(m['val_loss'], '.4f')} | {m['stop']:.0f} | "
                      f"{m['length']:.0f} | {m['repeat']:.1f} | {m['breaks']:.0f} | "
-                     f"{fmt(m.get('nll'), '.3f')} |")
+                     f"{cell(m.get('nll'), '.3f')} |")
     return "\n".join(lines)
 
 
@@ -629,10 +634,7 @@ def epoch_sweep(config, device, dtype):
         raise ValueError(f"--epoch_sweep={name}: config/{name}.toml or --train_args sets max_iters="
                          f"{settings['max_iters']}, which fixes the steps whatever the epochs; add "
                          f"--max_iters=0 to --train_args")
-    eval_set = Path(config["eval_set"])
-    if not eval_set.is_absolute() and eval_set.parent.parent == Path("data"):  # as main() does
-        chat.prepare_data(eval_set.parent.name, ROOT / eval_set)
-    rows = chat.read_instructions(config["eval_set"])
+    rows = read_eval_set(config["eval_set"])
     labels = [f"{epochs:g}" for epochs in counts]
     files = ["results.md", "results.json", "results.png"]
     files += [f"{name}-{label}e.json" for label in labels]
@@ -881,6 +883,15 @@ def tinyworld(config, device, dtype):
     print(f"wrote {out_dir}/{name}.md, {name}.json, {name}.png; each model's answers in {out_dir}/seed<N>/", file=sys.stderr)
 
 
+def read_eval_set(name):
+    """The instructions of --eval_set. A path data/<name>/... is written by data/<name>/prepare.py on
+    first use (TinyWorld's dev set)."""
+    eval_set = Path(name)
+    if not eval_set.is_absolute() and eval_set.parent.parent == Path("data"):
+        chat.prepare_data(eval_set.parent.name, ROOT / eval_set)
+    return chat.read_instructions(name)
+
+
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
     check_ranges(config, RANGES)
@@ -894,10 +905,7 @@ def main(argv):
         return similarity(config, device, dtype)
     if config["tinyworld"]:
         return tinyworld(config, device, dtype)
-    eval_set = Path(config["eval_set"])
-    if not eval_set.is_absolute() and eval_set.parent.parent == Path("data"):  # data/<name>/...: its prepare.py
-        chat.prepare_data(eval_set.parent.name, ROOT / eval_set)  # writes it on first use (TinyWorld's dev set)
-    rows = chat.read_instructions(config["eval_set"])
+    rows = read_eval_set(config["eval_set"])
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked, ranked_file = ranking_set(config, rows)  # a missing file fails now, not after training
     limit = config["max_new_tokens"]
