@@ -27,6 +27,7 @@ the sampler uses: per sequence, a mask of tokens seen, a response-length counter
 each tag the sequence ends with, updated with each new token, so a step costs the same at token
 1,000 as at token 1 and each sequence of a batch keeps its own state.
 """
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,13 @@ def tag_table(tag):
     return table
 
 
+@functools.lru_cache(maxsize=None)
+def tag_tables(device):
+    """The user and the assistant tag's tables on `device`, built once: a RuleState is made for
+    every batch generated or scored, and only reads them."""
+    return [tag_table(tag).to(device) for tag in (USER_TAG, ASSISTANT_TAG)]
+
+
 def tag_progress(ids, tag):
     """How many of the tag's first tokens ids ends with: the longest such prefix (len(tag): a
     whole tag), 0 if none."""
@@ -211,7 +219,7 @@ class RuleState:
         else:
             self.base = torch.zeros(VOCAB, device=device)
         self.tags = (USER_TAG, ASSISTANT_TAG)
-        self.tables = [tag_table(tag).to(device) for tag in self.tags]
+        self.tables = tag_tables(device)
         # (B,) per tag: how much of it each sequence ends with, so that a tag the prompt's end
         # splits is still found
         self.progress = []
