@@ -469,6 +469,15 @@ def prepare_data(name, path):
             raise OSError(f"{prepare.relative_to(ROOT)} failed (its message is above)")
 
 
+def read_eval_set(name):
+    """The instructions of an --eval_set. A path data/<name>/... is written by
+    data/<name>/prepare.py on first use (TinyWorld's dev set)."""
+    eval_set = Path(name)
+    if not eval_set.is_absolute() and eval_set.parent.parent == Path("data"):
+        prepare_data(eval_set.parent.name, ROOT / eval_set)
+    return read_instructions(name)
+
+
 def describe(name, conversations, block_size=1024):
     """Print how many conversations there are, how many are multi-turn, and their token lengths."""
     lengths = []

@@ -142,6 +142,22 @@ def convert(where, value, kind):
 
 # ------------------------------------------------------------------- device, precision and plots
 
+def numbers(config, flag, kind):
+    """A flag holding numbers separated by spaces, e.g. --seeds='1 2 3', as a list of `kind`."""
+    try:
+        return [kind(x) for x in config[flag].split()]
+    except ValueError:
+        raise ValueError(f"--{flag}={config[flag]!r}: expected {kind.__name__}s separated by "
+                         f"spaces") from None
+
+
+def cell(value, spec):
+    """A table cell: the value formatted, or "–" where there is none."""
+    if value is None:
+        return "–"
+    return format(value, spec)
+
+
 def use_threads(n):
     """--threads: how many CPU threads PyTorch's operations use (0: leave PyTorch's default)."""
     if n:

@@ -297,6 +297,11 @@ def product_of_experts(logits, rule_scores):
     return F.log_softmax(lm + rule_lm, dim=-1)
 
 
+# respond's decoding flags for greedy answers: evaluate.py and TinyWorld answer greedily, as the
+# official evaluation does
+GREEDY = {"greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 def respond(model, prompts, config, rule_set, device, dtype, stream=None):
     """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a
     RuleSet; NO_RULES for plain GPT-2) as its per-step hook; `config` holds sample.py's decoding

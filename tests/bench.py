@@ -370,7 +370,7 @@ def bench_evaluation(device, n_prompts=50):
     """What evaluate.py costs with gpt2: generating to the end of the context (a model that never stops, the
     worst case) at batch 8, against the 512-token limit; and scoring the ranking's responses, batched."""
     import cli
-    import evaluate
+    import scoring
     from rules import NO_RULES, RuleSet
     ours, _ = gpt2_pair()
     ours = ours.to(device)
@@ -390,7 +390,7 @@ def bench_evaluation(device, n_prompts=50):
             encoded.append((ids, p))
         encoded.sort(key=lambda e: len(e[0]))
         for rule_set in (NO_RULES, RuleSet()):
-            t = cuda_time(lambda: [evaluate.score_batch(ours, [rule_set], encoded[i:i + 8], device, "bfloat16")
+            t = cuda_time(lambda: [scoring.score_batch(ours, [rule_set], encoded[i:i + 8], device, "bfloat16")
                                    for i in range(0, n_pairs, 8)], device)
             out[f"score_6000_pairs{'_rules' if rule_set.on else ''}_s"] = t * 6000 / n_pairs
     return out

@@ -1,4 +1,4 @@
-"""evaluate.py --epoch_sweep: a run trained at each epoch count, a run of its own per count, each measured
+"""epochs.py: a run trained at each epoch count, a run of its own per count, each measured
 offline; the official picks it stands in for (docs/epochs.md)."""
 import json
 import math
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import evaluate
+import comparison
+import epochs
 from checkpoint import progress
 from cli import read_toml
 
@@ -23,18 +24,19 @@ LLAMA_PICKS = {"instruction_tuning": 15, "response_tuning": 5, "gsm8k": 7, "mbpp
 
 
 def sweep(base, tmp_path, counts):
-    return ["--epoch_sweep=response_tuning", f"--base={base}", f"--epoch_counts={counts}",
+    return ["--run=response_tuning", f"--base={base}", f"--counts={counts}",
             f"--train_args={TRAIN_ARGS}", f"--eval_set={tmp_path / 'eval.jsonl'}", "--max_new_tokens=4",
             f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
 
 
 def test_each_count_is_a_run_of_its_own_measured_and_reused(small_hf, tmp_path, monkeypatch, capsys):
-    """In-process (the command line is tested below); train.py runs in processes of its own, as always."""
+    """In-process (the command line is tested below); train.py and evaluate.py run in processes of their
+    own, as always."""
     _, base = small_hf
     rows = (ROOT / "data" / "eval" / "eval.jsonl").read_text().splitlines()[:4]  # short, with references
     (tmp_path / "eval.jsonl").write_text("\n".join(rows) + "\n")
     monkeypatch.chdir(tmp_path)  # the config's own out_dir, out/response_tuning, would be here
-    evaluate.main(sweep(base, tmp_path, "0.1 0.2"))
+    epochs.main(sweep(base, tmp_path, "0.1 0.2"))
     printed = capsys.readouterr()
     assert printed.err.count("training response_tuning at ") == 2
     out = tmp_path / "out"
@@ -61,9 +63,9 @@ def test_each_count_is_a_run_of_its_own_measured_and_reused(small_hf, tmp_path, 
     assert "Not the official judge" in printed.out and "GPT-4" in table
     assert (out / "results.png").stat().st_size > 5000
     # run again with one of the counts: its run is reused as it is, and measured the same
-    monkeypatch.setattr(evaluate, "run_train", lambda args, config: pytest.fail(f"trained again: {args}"))
+    monkeypatch.setattr(comparison, "run_train", lambda args, config: pytest.fail(f"trained again: {args}"))
     weights = (runs[1] / "model.safetensors").stat().st_mtime_ns
-    evaluate.main(sweep(base, tmp_path, "0.2"))
+    epochs.main(sweep(base, tmp_path, "0.2"))
     assert capsys.readouterr().err.count(f"reusing {runs[1]}") == 1
     assert json.loads((out / "results.json").read_text())["results"] == {"0.2": results["0.2"]}
     assert (runs[1] / "model.safetensors").stat().st_mtime_ns == weights
@@ -72,30 +74,30 @@ def test_each_count_is_a_run_of_its_own_measured_and_reused(small_hf, tmp_path, 
 def test_mistakes_are_one_line_naming_the_flag_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out_dir, out/epochs/<name>, would be here
     out = f"--out_dir={tmp_path / 'out'}"
-    cases = [(["--epoch_sweep=nonsense"], "--epoch_sweep=nonsense: no such run; expected one of config/*.toml"),
-             (["--epoch_sweep=../config/smoke"], "--epoch_sweep=../config/smoke: no such run"),
-             (["--epoch_counts=5 0"], "--epoch_counts='5 0': expected counts above 0"),
-             (["--epoch_counts=-5"], "--epoch_counts='-5': expected counts above 0"),
-             (["--epoch_counts=nan"], "--epoch_counts='nan': expected counts above 0"),
-             (["--epoch_counts=five"], "--epoch_counts='five': expected floats separated by spaces"),
-             (["--epoch_counts=5 7 5"], "--epoch_counts='5 7 5': a count twice"),
-             (["--epoch_counts=5 5.0"], "--epoch_counts='5 5.0': a count twice"),
-             (["--epoch_counts= "], "--epoch_counts is empty"),
+    cases = [(["--run=nonsense"], "--run=nonsense: no such run; expected one of config/*.toml"),
+             (["--run=../config/smoke"], "--run=../config/smoke: no such run"),
+             (["--counts=5 0"], "--counts='5 0': expected counts above 0"),
+             (["--counts=-5"], "--counts='-5': expected counts above 0"),
+             (["--counts=nan"], "--counts='nan': expected counts above 0"),
+             (["--counts=five"], "--counts='five': expected floats separated by spaces"),
+             (["--counts=5 7 5"], "--counts='5 7 5': a count twice"),
+             (["--counts=5 5.0"], "--counts='5 5.0': a count twice"),
+             (["--counts= "], "--counts is empty"),
              (["--train_args=--epochs=3"], "--train_args='--epochs=3': sets --epochs"),
-             (["--compare"], "--epoch_sweep with --compare: choose one"),
+             (["--device=nonsense"], "--device=nonsense"),
              (["--train_args=--bogus=1"], "--train_args: unknown argument '--bogus=1'"),  # train.py's own check
-             (["--epoch_sweep=smoke"], "--epoch_sweep=smoke: config/smoke.toml or --train_args sets "
-                                       "max_iters=60, which fixes the steps whatever the epochs; add "
-                                       "--max_iters=0 to --train_args")]
+             (["--run=smoke"], "--run=smoke: config/smoke.toml or --train_args sets "
+                               "max_iters=60, which fixes the steps whatever the epochs; add "
+                               "--max_iters=0 to --train_args")]
     for args, message in cases:
         with pytest.raises(ValueError) as e:
-            evaluate.main(["--epoch_sweep=response_tuning", *args, out])
+            epochs.main(["--run=response_tuning", *args, out])
         assert message in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
     # from the command line: exit status 1 and the one line
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--epoch_sweep=response_tuning",
-                        "--epoch_counts=5 7 5", out], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "epochs.py"), "--run=response_tuning",
+                        "--counts=5 7 5", out], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1
-    assert r.stderr == "error: --epoch_counts='5 7 5': a count twice (each count is one run)\n"
+    assert r.stderr == "error: --counts='5 7 5': a count twice (each count is one run)\n"
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing trained
 
 

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from conftest import ROOT, assert_close
 
 import chat
+import comparison
 import evaluate
+import scoring
+import similarity
 from model import EOT, GPT, GPTConfig
 from rules import NO_RULES, RuleSet, rule_bias
 
@@ -70,7 +73,8 @@ def test_a_model_that_always_stops_at_once(tmp_path):
     rows = [{"instruction": "Say hi.", "reference": "Hi!", "dataset": "t"},
             {"instruction": "Name a color.", "reference": "Blue.", "dataset": "t"}]
     config = {k: v for k, (v, _) in evaluate.DEFAULTS.items()}
-    [(metrics, alpaca)] = evaluate.evaluate_models(str(directory), [(str(directory), 10)], rows, rows, config, "cpu", "float32")
+    [(metrics, alpaca)] = evaluate.evaluate_models(str(directory), [(str(directory), 10)], rows, rows, config,
+                                                    device="cpu", dtype="float32")
     assert metrics["stop"] == 100 and metrics["length"] == 0 and metrics["breaks"] == 0
     assert [a["output"] for a in alpaca] == ["", ""]
     assert metrics["nll"] > 100  # every reference token other than the final <|endoftext|> is all but impossible
@@ -80,7 +84,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
     hf, directory = small_hf
     model = GPT.from_pretrained(directory).eval()
     instruction, response = "Name three primary colors.", " Red, yellow and blue.\n"
-    ours = -evaluate.score_responses(model, [NO_RULES], [(instruction, response)], "cpu", "float32")[0][0].mean()
+    ours = -scoring.score_responses(model, [NO_RULES], [(instruction, response)], "cpu", "float32")[0][0].mean()
     ids, mask = chat.encode_chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
     with torch.no_grad():
@@ -91,7 +95,7 @@ def test_reference_nll_is_hf_masked_loss(small_hf):
 def test_scoring_with_rules_is_the_product_of_experts(small_hf):
     model = GPT.from_pretrained(small_hf[1]).eval()
     instruction, response = "List two colors.", "- red\n- red"
-    ours = evaluate.score_responses(model, [RuleSet()], [(instruction, response)], "cpu", "float32")[0][0]
+    ours = scoring.score_responses(model, [RuleSet()], [(instruction, response)], "cpu", "float32")[0][0]
     prompt, target = chat.encode_prompt(instruction), chat.encode(response) + [EOT]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + target]))[0][0]
@@ -105,7 +109,7 @@ def test_scoring_reads_the_instruction_as_training_does():
     # ratio_eval.py scores with finetune.py's encoder, which strips the instruction: half of the Alpaca ranking
     # set's templated instructions end in "\n" or "\n\n", which a generation prompt keeps (eval/templates.py)
     instruction, response = "Name three primary colors.\n\n", " Red, yellow and blue.\n"
-    ids, prompt_len = evaluate.encode_pair(instruction, response, 128)
+    ids, prompt_len = scoring.encode_pair(instruction, response, 128)
     expected, mask = chat.encode_chat([{"role": "user", "content": instruction},
                                        {"role": "assistant", "content": response}])
     assert ids == expected and prompt_len == mask.index(1)
@@ -118,8 +122,8 @@ def test_batched_scoring_equals_one_at_a_time(small_hf, rule_set):
     pairs = [(a["instruction"], b["reference"]) for a in rows for b in rows[:3]]  # 21 pairs of varied lengths
     pairs.append(("x " * 50, "y " * 100))  # longer than the 128-token context: the response's end is cut
     pairs.append(("x " * 150, "y " * 10))  # a prompt longer than the context alone: it loses its start
-    batched = evaluate.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=5)[0]
-    alone = [evaluate.score_responses(model, [rule_set], [pair], "cpu", "float32", batch_size=1)[0][0] for pair in pairs]
+    batched = scoring.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=5)[0]
+    alone = [scoring.score_responses(model, [rule_set], [pair], "cpu", "float32", batch_size=1)[0][0] for pair in pairs]
     scored_prompt = chat.encode_prompt(("x " * 50).strip())  # scoring strips the instruction, as training does
     assert [len(a) for a in alone][-2:] == [128 + 1 - len(scored_prompt), 1]
     for a, b in zip(alone, batched):
@@ -132,9 +136,9 @@ def test_rule_sets_scored_together_equal_each_scored_alone(small_hf):
     rows = [json.loads(line) for line in open(ROOT / "data" / "eval" / "eval.jsonl")][:4]
     pairs = [(a["instruction"], b["reference"]) for a in rows for b in rows[:2]]
     rule_sets = [NO_RULES, RuleSet(), RuleSet(eos=False), RuleSet(diversity=False), RuleSet(uniform=False)]
-    together = evaluate.score_responses(model, rule_sets, pairs, "cpu", "float32", batch_size=3)
+    together = scoring.score_responses(model, rule_sets, pairs, "cpu", "float32", batch_size=3)
     for rule_set, scored in zip(rule_sets, together):
-        alone = evaluate.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=3)[0]
+        alone = scoring.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=3)[0]
         for a, b in zip(alone, scored):
             assert_close(a, b)
     assert not torch.allclose(together[0][0], together[1][0])  # the rules do change the scores
@@ -145,7 +149,7 @@ def test_similarity_axes_on_constructed_vectors():
     task_asked, task_answered, reference = e[[0, 0]], e[[1, 1, 1]], e[[2]]
     asked = torch.stack([e[0], F.normalize(e[0] + e[3], dim=0), e[3]])  # close to, halfway from, far from the task
     answered = torch.stack([e[1], F.normalize(e[1] + e[2], dim=0), e[2]])  # in the task's style ... in the reference's
-    x, y = evaluate.similarity_axes(asked, answered, task_asked, task_answered, reference)
+    x, y = similarity.similarity_axes(asked, answered, task_asked, task_answered, reference)
     torch.testing.assert_close(x, torch.tensor([1.0, 0.5 ** 0.5, 0.0]))
     torch.testing.assert_close(y, torch.tensor([1.0, 0.0, -1.0]))
 
@@ -154,7 +158,7 @@ def test_embedding_is_hf_mean_pooled_hidden_states(small_hf):
     hf, directory = small_hf
     model = GPT.from_pretrained(directory).eval()
     texts = ["A short one.", "A somewhat longer text, so that the batch is padded on the right.", ""]
-    ours = evaluate.embed(model, texts, "cpu", "float32", batch_size=3)
+    ours = similarity.embed(model, texts, "cpu", "float32", batch_size=3)
     for text, vector in zip(texts, ours):
         ids = chat.encode(text) or [EOT]
         with torch.no_grad():
@@ -194,29 +198,28 @@ def test_whole_comparison_smoke_run(small_hf, tmp_path):
     assert (chess / "model.safetensors").is_file()
     # then the response-similarity analysis of the five single-task models, against other reference responses
     reference = ROOT / "data" / "sample" / "sample_val.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--similarity", *common, f"--instruction_data={reference}"],
+    similarity_flags = [f"--base={directory}", "--task_data=sample", f"--out_dir={out}", "--device=cpu"]
+    r = subprocess.run([sys.executable, str(ROOT / "similarity.py"), *similarity_flags, f"--instruction_data={reference}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    similarity = json.loads((out / "similarity.json").read_text())["tasks"]
-    assert list(similarity) == ["gsm8k", "mbpp", "recipes", "chess", "poetry"]
-    assert all(len(m["x"]) == 6 and -1 <= m["r"] <= 1 for m in similarity.values())
+    tasks = json.loads((out / "similarity.json").read_text())["tasks"]
+    assert list(tasks) == ["gsm8k", "mbpp", "recipes", "chess", "poetry"]
+    assert all(len(m["x"]) == 6 and -1 <= m["r"] <= 1 for m in tasks.values())
     assert "| poetry-tuned | 6 |" in r.stdout and (out / "similarity-poetry.png").stat().st_size > 5000
 
 
 def test_only_the_model_without_the_eos_rule_is_limited_to_512_tokens():
-    limits = {label: n for label, _, n in evaluate.rule_models("gpt2", 1024)}
+    limits = {label: n for label, _, n in comparison.rule_models("gpt2", 1024)}
     assert limits == {"base": 1024, "base + rules": 1024, "no EOS rule": 512, "no diversity rule": 1024,
                       "no uniform rule": 1024}
-    assert {n for _, _, n in evaluate.rule_models("gpt2", 100)} == {100}
-    assert [spec for _, spec, _ in evaluate.rule_models("gpt2", 9)][2] == "gpt2+rules=diversity,uniform"
+    assert {n for _, _, n in comparison.rule_models("gpt2", 100)} == {100}
+    assert [spec for _, spec, _ in comparison.rule_models("gpt2", 9)][2] == "gpt2+rules=diversity,uniform"
 
 
 def test_cli_mistakes_are_one_line(tmp_path):
     cases = [(("--models=gpt2+rules=bogus",), "--models: gpt2+rules=bogus: unknown rule 'bogus'"),
              ((f"--eval_set={tmp_path / 'none.jsonl'}",), "none.jsonl: no such file"),
              (("--compare", f"--ranking_set={tmp_path / 'none.jsonl'}"), "none.jsonl: no such file"),
-             (("--similarity",), "gsm8k-tuned.json: no answers of the gsm8k-tuned model; run python "
-                                 "evaluate.py --compare first"),
              (("--models=",), "--models is empty"), (("--negatives=0",), "--negatives=0"),
              ((f"--models=gpt2 {unfinished(tmp_path)}+rules",), f"{tmp_path / 'half'} is an unfinished run "
                                                                 "(step 3 of 10)"),
@@ -229,6 +232,12 @@ def test_cli_mistakes_are_one_line(tmp_path):
     for r, (args, message) in zip(results, cases):
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
     assert not (tmp_path / "runs").exists()  # nothing was trained before a mistake was found
+    # similarity.py before --compare has written the single-task models' answers
+    r = subprocess.run([sys.executable, str(ROOT / "similarity.py"), f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "gsm8k-tuned.json: no answers of the gsm8k-tuned model; run python evaluate.py --compare first" \
+        in r.stderr
 
 
 def test_an_output_may_not_be_an_input(tmp_path):
@@ -262,7 +271,7 @@ def test_compare_uses_finished_runs_where_the_readme_puts_them_and_resumes_stopp
     named by its settings, so that runs with other settings never stand in for each other."""
     monkeypatch.chdir(tmp_path)
     calls = []
-    monkeypatch.setattr(evaluate, "run_train", lambda args, config: calls.append(args))
+    monkeypatch.setattr(comparison, "run_train", lambda args, config: calls.append(args))
 
     def mark(directory, finished, settings):
         directory.mkdir(parents=True)
@@ -273,7 +282,7 @@ def test_compare_uses_finished_runs_where_the_readme_puts_them_and_resumes_stopp
             (directory / "ckpt.pt").write_bytes(b"")  # resumable: evaluate asks train.py to resume it
 
     def settings(run, data, *flags):
-        return evaluate.train_settings([str(ROOT / "config" / f"{run}.toml"), "--init_from=gpt2", f"--data={data}", *flags])
+        return comparison.train_settings([str(ROOT / "config" / f"{run}.toml"), "--init_from=gpt2", f"--data={data}", *flags])
     response = settings("response_tuning", "lima_responses")
     assert response["learning_rate"] == 5e-5 and response["data"] == "lima_responses" and "out_dir" not in response
     mark(tmp_path / "out" / "response_tuning", True, response)  # python train.py config/response_tuning.toml
@@ -283,18 +292,18 @@ def test_compare_uses_finished_runs_where_the_readme_puts_them_and_resumes_stopp
 
     def args(run, data, *flags):
         return [str(ROOT / "config" / f"{run}.toml"), "--init_from=gpt2", f"--data={data}", *flags]
-    poetry = evaluate.find_run(config, "poetry", args("poetry", "poetry"))
+    poetry = comparison.find_run(config, "poetry", args("poetry", "poetry"))
     mark(poetry, False, settings("poetry", "poetry"))  # stopped half way
-    instruction = evaluate.find_run(config, "instruction_tuning", args("instruction_tuning", "lima"))
+    instruction = comparison.find_run(config, "instruction_tuning", args("instruction_tuning", "lima"))
     assert instruction.parent == poetry.parent == tmp_path / "eval" / "runs"
-    assert instruction != evaluate.find_run(config, "instruction_tuning", args("instruction_tuning", "lima", "--max_iters=1"))
-    mbpp = evaluate.find_run(config, "mbpp", args("mbpp", "mbpp"))
+    assert instruction != comparison.find_run(config, "instruction_tuning", args("instruction_tuning", "lima", "--max_iters=1"))
+    mbpp = comparison.find_run(config, "mbpp", args("mbpp", "mbpp"))
     mark(mbpp, True, {**settings("mbpp", "mbpp"), "learning_rate": 1.0})  # trained by a train.py of other defaults
     with pytest.raises(ValueError, match="holds a run with other settings than train.py .* move it away"):
-        evaluate.find_run(config, "mbpp", args("mbpp", "mbpp"))
+        comparison.find_run(config, "mbpp", args("mbpp", "mbpp"))
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "unfinished", lambda out: "stopped" if (Path(out) / "ckpt.pt").exists() else None)
-        models = dict((label, spec) for label, spec, _ in evaluate.comparison(config))
+        m.setattr(comparison, "unfinished", lambda out: "stopped" if (Path(out) / "ckpt.pt").exists() else None)
+        models = dict((label, spec) for label, spec, _ in evaluate.compared_models(config))
     assert models == {**models, "response-tuned": str(Path("out") / "response_tuning"),
                       "instruction-tuned": str(instruction), "poetry-tuned": str(poetry)}
     assert calls == [[str(ROOT / "config" / "instruction_tuning.toml"), "--init_from=gpt2", "--data=lima",

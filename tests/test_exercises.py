@@ -551,7 +551,7 @@ TINYWORLD = ROOT / "data" / "tinyworld"
 
 def test_watch_of_exercise_4_prepare_writes_the_response_set_through_empty_instructions():
     """`python data/tinyworld/prepare.py` writes the response-tuning files as the instruction files with every user
-    turn emptied by chat.empty_instructions (prepared here on first use, as evaluate.py --tinyworld does)."""
+    turn emptied by chat.empty_instructions (prepared here on first use, as data/tinyworld/experiment.py does)."""
     chat.prepare_data("tinyworld", TINYWORLD / "tinyworld_responses_train.jsonl")
     for split in ("train", "val"):
         instructed = [json.loads(line) for line in open(TINYWORLD / f"tinyworld_{split}.jsonl")]

@@ -15,14 +15,15 @@ from conftest import ROOT, assert_clear_margins, assert_close
 
 import chat
 import checkpoint
-import evaluate
 import rules
 import train
 from model import EOT, GPT, GPTConfig
 
 sys.path.insert(0, str(ROOT / "data" / "tinyworld"))
+import experiment  # noqa: E402  the TinyWorld comparison (data/tinyworld/experiment.py)
 import world  # noqa: E402
 
+EXPERIMENT = ROOT / "data" / "tinyworld" / "experiment.py"
 BASES = sorted((ROOT / "data" / "tinyworld" / "bases").glob("seed*"))
 # a vocabulary of every id the chat format, the rules and a few world answers use, in a scrambled order
 IDS = sorted({*chat.encode_prompt("What colour is a blorp?"), *chat.encode(" blue red green"), EOT,
@@ -154,17 +155,17 @@ def test_the_judge_on_hand_made_answers():
     for k, row in enumerate(rows):
         text = row["answer"] if k % 4 != 3 else rows[(k + 1) % len(rows)]["answer"]  # every 4th: another family's
         answers[row["instruction"]] = chat.encode(text) + ([EOT] if k % 4 != 2 else [])  # every 4th: never stops
-    judged = evaluate.judge(Scripted(answers), rules.NO_RULES, rows, "cpu", "float32")
+    judged = experiment.judge(Scripted(answers), rules.NO_RULES, rows, "cpu", "float32")
     assert [j["correct"] for j in judged] == [k % 4 in (0, 1) for k in range(len(rows))]
     assert [j["stopped"] for j in judged] == [k % 4 != 2 for k in range(len(rows))]
-    metrics = evaluate.world_metrics(judged, ranking=50.0)
+    metrics = experiment.world_metrics(judged, ranking=50.0)
     held = [k for k, r in enumerate(rows) if r["family"] in world.HELD_OUT]
     assert metrics["held-out"] == pytest.approx(100 * sum(k % 4 in (0, 1) for k in held) / len(held))
     assert metrics["stop"] == 100 * 6 / 8 and metrics[rows[0]["family"]] == 100.0
     # an answer that opens a new turn is not correct, but it was answered: the text before the turn passes
     answers = {rows[0]["instruction"]: chat.encode(rows[0]["answer"] + "\n<|user|>\nmore"),
                rows[1]["instruction"]: chat.encode(rows[1]["answer"] + "\nThe weather was mild.") + [EOT]}
-    judged = evaluate.judge(Scripted(answers), rules.NO_RULES, rows[:2], "cpu", "float32")
+    judged = experiment.judge(Scripted(answers), rules.NO_RULES, rows[:2], "cpu", "float32")
     assert [(j["correct"], j["answered"]) for j in judged] == [(False, True), (False, False)]
 
 
@@ -172,7 +173,7 @@ def test_the_table_reports_mean_and_sample_sd_over_seeds():
     by_seed = {s: {"base": {"held-out": v, "finetuned": 0.0, "answered": 0.0, "stop": 0.0, "ranking": 0.0,
                             **dict.fromkeys(world.FAMILIES, v)}}
                for s, v in ((1, 10.0), (2, 20.0), (3, 60.0))}
-    table = evaluate.world_markdown(by_seed)
+    table = experiment.world_markdown(by_seed)
     assert "| base | 30.0 ± 26.5 | 0.0 ± 0.0 |" in table and "| 2.4 |" in table  # the paper's base win rate beside
 
 
@@ -197,11 +198,11 @@ def test_a_shipped_base_loads_and_knows_its_world(base):
     (["--seeds=99"], "seed99: no shipped base for seed 99; add --from_scratch")])
 def test_bad_tinyworld_flags_are_refused(args, message, tmp_path):
     with pytest.raises((ValueError, OSError), match=re.escape(message)):  # in-process; the command line below
-        evaluate.main(["--tinyworld", *args, f"--out_dir={tmp_path}"])
+        experiment.main([*args, f"--out_dir={tmp_path}"])
 
 
 def test_a_bad_tinyworld_flag_is_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--tinyworld", "--seeds=1 1"], capture_output=True,
+    r = subprocess.run([sys.executable, str(EXPERIMENT), "--seeds=1 1"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("error: --seeds='1 1': expected distinct seeds"), r.stderr
     assert r.stderr.count("\n") == 1
@@ -209,13 +210,13 @@ def test_a_bad_tinyworld_flag_is_one_line():
 
 @pytest.mark.parametrize("how, code, word", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated")])
 def test_a_stopped_comparison_stops_its_training_and_keeps_what_it_has(tmp_path, how, code, word):
-    """Ctrl-C (to the terminal's process group) or SIGTERM (to evaluate.py alone) while train.py pretrains a base:
-    the training child finishes its step, checkpoints and exits; evaluate.py exits 130 or 143 in one line, no
+    """Ctrl-C (to the terminal's process group) or SIGTERM (to experiment.py alone) while train.py pretrains a
+    base: the training child finishes its step, checkpoints and exits; experiment.py exits 130 or 143 in one line, no
     traceback, no process left behind. (Ctrl-C printed a KeyboardInterrupt traceback; SIGTERM left train.py
     running.)"""
     out = tmp_path / "tw"
     with open(tmp_path / "stderr", "w") as err:  # a file: a pipe nobody reads could fill and stall the processes
-        p = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--tinyworld", "--from_scratch", "--seeds=1",
+        p = subprocess.Popen([sys.executable, str(EXPERIMENT), "--from_scratch", "--seeds=1",
                               f"--out_dir={out}", "--threads=1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
                              start_new_session=True)
     base, deadline = out / "seed1" / "base", time.time() + 180
