@@ -90,7 +90,9 @@ def _open(url, start):
     Returns (response, headers seen on the way); an HTTPError carries them too, as `.seen` (a 416
     needs them to check a .part). The token is not sent on to another host, as `requests` does
     too."""
-    token, host, seen = os.environ.get("HF_TOKEN"), urllib.parse.urlsplit(url).netloc, {}
+    token = os.environ.get("HF_TOKEN")
+    host = urllib.parse.urlsplit(url).netloc  # the token goes to this host only
+    seen = {}  # headers of every response on the way
     for _ in range(10):
         headers = {"User-Agent": "ifwit/1.0", "Accept-Encoding": "identity"}
         if token and urllib.parse.urlsplit(url).netloc == host:
