@@ -192,9 +192,10 @@ def read_partial(path, rows, settings):
     return answers
 
 
-def generate_answers(model, rows, answers, file, config, rule_set, device, dtype, generator):
+def generate_answers(model, rows, answers, file, *, config, rule_set, device, dtype, generator):
     """Answer rows[len(answers):] in batches, appending each answer to `answers` and to `file`
-    (flushed per batch) as it comes. Returns how many prompts were cut to fit the context."""
+    (flushed per batch) as it comes; `generator` names the model in each answer. Returns how many
+    prompts were cut to fit the context."""
     cut = 0
     bar = tqdm(total=len(rows), initial=len(answers), desc="generating", unit="answer",
                file=sys.stderr)
@@ -232,9 +233,9 @@ def read_file_job(config):
     return rows, out, read_partial(partial_path(out), rows, settings)
 
 
-def answer_file(model, config, rule_set, device, dtype, rows, out, answers):
+def answer_file(model, rows, out, answers, *, config, rule_set, device, dtype):
     """Answer every instruction of `rows` into `out` (AlpacaEval's JSON list), after the `answers`
-    an earlier run kept, resumably: see the docstring."""
+    an earlier run kept (read_file_job), resumably: see the docstring."""
     generator = Path(config["init_from"]).name or config["init_from"]
     if rule_set.on:
         generator += f"+rules:{config['rules']}"
@@ -247,8 +248,8 @@ def answer_file(model, config, rule_set, device, dtype, rows, out, answers):
     chat.write_jsonl(partial, [{"settings": settings}] + answers)
     try:
         with open(partial, "a", encoding="utf-8") as file:
-            cut = generate_answers(model, rows, answers, file, config, rule_set, device, dtype,
-                                   generator)
+            cut = generate_answers(model, rows, answers, file, config=config, rule_set=rule_set,
+                                   device=device, dtype=dtype, generator=generator)
     except (KeyboardInterrupt, Stopped) as e:
         if isinstance(e, Stopped):
             code, what = e.code, str(e)
@@ -287,7 +288,8 @@ def interactive(model, config, rule_set, device, dtype):
         if text.strip() == "/reset":
             messages = []
         elif text.strip():
-            messages = chat_turn(model, messages, text, config, rule_set, device, dtype)
+            messages = chat_turn(model, messages, text, config=config, rule_set=rule_set,
+                                 device=device, dtype=dtype)
 
 
 def chat_turn(model, messages, text, config, rule_set, device, dtype):
@@ -333,13 +335,14 @@ def main(argv):
         raise ValueError('nothing to answer: give --prompt="..." or --instructions=FILE '
                          '(or run in a terminal to chat)')
     if config["instructions"]:  # the files are checked before the model loads
-        job = read_file_job(config)
+        rows, out, answers = read_file_job(config)
     t0 = time.time()
     model = for_inference(GPT.from_pretrained(config["init_from"]), device, dtype)
     print(f"loaded {config['init_from']} ({model.num_params() / 1e6:.0f}M parameters) on {device} "
           f"in {dtype} in {time.time() - t0:.1f}s; rules: {config['rules']}", file=sys.stderr)
     if config["instructions"]:
-        return answer_file(model, config, rule_set, device, dtype, *job)
+        return answer_file(model, rows, out, answers, config=config, rule_set=rule_set,
+                           device=device, dtype=dtype)
     if not config["prompt"]:
         return interactive(model, config, rule_set, device, dtype)
     if config["raw"]:
