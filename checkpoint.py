@@ -1,12 +1,13 @@
 """
 The checkpoint formats, read and written in one place:
 
-- an HF GPT-2 directory (config.json + model.safetensors), as the hub serves it and train.py exports it, or a bare
-  .safetensors file: GPT.from_pretrained and GPT.save_pretrained (model.py) call read_pretrained and
-  write_pretrained. Safetensors is read by a small strict reader (no pickle anywhere), which checks every
-  byte range and refuses NaN weights;
-- a train.py run directory: ckpt.pt (everything needed to resume), progress.json (how far the run got: what
-  evaluate.py asks before it trusts a run) and that same HF export, replaced together at every checkpoint.
+- an HF GPT-2 directory (config.json + model.safetensors), as the hub serves it and train.py
+  exports it, or a bare .safetensors file: GPT.from_pretrained and GPT.save_pretrained (model.py)
+  call read_pretrained and write_pretrained. Safetensors is read by a small strict reader (no
+  pickle anywhere), which checks every byte range and refuses NaN weights;
+- a train.py run directory: ckpt.pt (everything needed to resume), progress.json (how far the run
+  got: what evaluate.py asks before it trusts a run) and that same HF export, replaced together at
+  every checkpoint.
 
 It knows nothing of the network: the HF config becomes a dict of GPTConfig's fields, and model.py
 builds the GPTConfig from it.
@@ -24,10 +25,11 @@ import chat
 
 EOT = 50256  # <|endoftext|>: GPT-2's bos and eos token, as config.json says
 VOCAB = 50257  # GPT-2's ids; a restricted vocabulary (token_ids) is a subset of them
-HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+HUB_MODELS = {name: f"openai-community/{name}"
+              for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
-# -------------------------------------------------------------------- HF model directories and .safetensors
+# ----------------------------------------------------------- HF model directories and .safetensors
 
 def read_pretrained(name_or_path):
     """(GPTConfig's fields, tensors, path) of `gpt2` ... `gpt2-xl` from the hub (cached), an HF
@@ -43,8 +45,8 @@ def read_pretrained(name_or_path):
             return read_pretrained(path)
         # a cached file that does not parse (cached by an older version, or changed)
         except ValueError as e:
-            raise ValueError(f"{e}; it is a cached download: delete {path} and run again to download it "
-                             f"afresh") from None
+            raise ValueError(f"{e}; it is a cached download: delete {path} and run again to "
+                             f"download it afresh") from None
     if path.is_dir():
         config = config_from_hf_json(path / "config.json")
         tensors, _ = load_safetensors(path / "model.safetensors")
@@ -52,10 +54,11 @@ def read_pretrained(name_or_path):
         tensors, metadata = load_safetensors(path)
         config = config_from_shapes(path, tensors, metadata)
     elif path.exists():
-        raise ValueError(f"{path}: expected a directory with config.json + model.safetensors, or a .safetensors file")
+        raise ValueError(f"{path}: expected a directory with config.json + model.safetensors, "
+                         f"or a .safetensors file")
     else:
-        raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not one of the hub models "
-                                f"{', '.join(HUB_MODELS)}")
+        raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not one of the "
+                                f"hub models {', '.join(HUB_MODELS)}")
     return config, tensors, path
 
 
@@ -65,9 +68,11 @@ def write_pretrained(directory, c, tensors):
     goes to a temp name and is renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-          "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
-          "n_ctx": c.block_size, "vocab_size": c.vocab_size, "layer_norm_epsilon": 1e-5, "n_inner": None,
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+          "activation_function": "gelu_new",
+          "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+          "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+          "layer_norm_epsilon": 1e-5, "n_inner": None,
           "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True,
           "attn_pdrop": c.dropout, "embd_pdrop": c.dropout, "resid_pdrop": c.dropout}
     metadata = {"format": "pt", "n_head": str(c.n_head)}
@@ -99,9 +104,11 @@ def load_safetensors(path):
             raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER:
-            raise ValueError(f"{path}: safetensors header length {n} exceeds the {MAX_HEADER}-byte limit")
+            raise ValueError(f"{path}: safetensors header length {n} exceeds the "
+                             f"{MAX_HEADER}-byte limit")
         if 8 + n > size:
-            raise ValueError(f"{path}: safetensors header length {n} is larger than the file ({size} bytes)")
+            raise ValueError(f"{path}: safetensors header length {n} is larger than the file "
+                             f"({size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -109,25 +116,30 @@ def load_safetensors(path):
         if not isinstance(header, dict):
             raise ValueError(f"{path}: safetensors header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        if not (isinstance(metadata, dict)
+                and all(isinstance(v, str) for v in metadata.values())):
             raise ValueError(f"{path}: safetensors __metadata__ must map strings to strings")
-        data_size, spans = size - 8 - n, []
+        data_size = size - 8 - n
+        spans = []  # (begin, stop, name): where each tensor's bytes lie in the data section
         for name, info in header.items():
             if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-                raise ValueError(f"{path}: tensor '{name}' needs exactly dtype, shape and data_offsets")
+                raise ValueError(f"{path}: tensor '{name}' needs exactly dtype, shape and "
+                                 f"data_offsets")
             dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
             if dtype not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype} (F32, F16, BF16 only)")
+                raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype} "
+                                 f"(F32, F16, BF16 only)")
             if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
                 raise ValueError(f"{path}: tensor '{name}' has invalid shape {shape}")
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(type(o) is int for o in offsets)
                     and 0 <= offsets[0] <= offsets[1] <= data_size):
-                raise ValueError(f"{path}: tensor '{name}' data_offsets {offsets} lie outside the data section "
-                                 f"({data_size} bytes; file truncated?)")
+                raise ValueError(f"{path}: tensor '{name}' data_offsets {offsets} lie outside the "
+                                 f"data section ({data_size} bytes; file truncated?)")
             nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
             if offsets[1] - offsets[0] != nbytes:
-                raise ValueError(f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes but "
-                                 f"{dtype}{shape} needs {nbytes}")
+                raise ValueError(f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes "
+                                 f"but {dtype}{shape} needs {nbytes}")
             spans.append((offsets[0], offsets[1], name))
         end = 0
         for begin, stop, name in sorted(spans):
@@ -168,9 +180,11 @@ def save_safetensors(tensors, path, metadata):
     atomically."""
     # torch.float32 -> "F32", ...
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": metadata}, 0
+    header = {"__metadata__": metadata}
+    offset = 0  # where the next tensor's bytes start in the data section
     for name, t in tensors.items():
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # pad the header so tensor data starts 8-byte aligned
@@ -190,7 +204,8 @@ def config_from_hf_json(path):
     """GPTConfig's fields from an HF GPT-2 config.json, refusing variants this GPT does not
     implement."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (an HF model directory needs config.json + model.safetensors)")
+        raise FileNotFoundError(f"{path}: no such file (an HF model directory needs config.json + "
+                                f"model.safetensors)")
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -198,20 +213,24 @@ def config_from_hf_json(path):
     except RecursionError:  # json.loads recurses once per nesting level
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(hf, dict):
-        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(hf), "a number")
+        kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(hf), "a number")
         raise ValueError(f"{path}: expected a JSON object, not {kind}")
     for key in SIZES:
         if type(hf.get(key)) is not int:  # not isinstance: true and false are ints to Python
             raise ValueError(f"{path}: missing or non-integer field '{key}'")
     unsupported = {"activation_function": "gelu_new", "n_inner": None, "layer_norm_epsilon": 1e-5,
                    "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                   "scale_attn_weights": True, "add_cross_attention": False, "tie_word_embeddings": True}
+                   "scale_attn_weights": True, "add_cross_attention": False,
+                   "tie_word_embeddings": True}
     for key, expected in unsupported.items():
         value = hf.get(key, expected)
         if value != expected and not (key == "n_inner" and value == 4 * hf["n_embd"]):
-            raise ValueError(f"{path}: field '{key}' is {value!r}; this GPT-2 implements only {expected!r}")
+            raise ValueError(f"{path}: field '{key}' is {value!r}; this GPT-2 implements only "
+                             f"{expected!r}")
     config = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                  n_head=hf["n_head"], n_embd=hf["n_embd"], token_ids=check_token_ids(path, hf.get("token_ids")))
+                  n_head=hf["n_head"], n_embd=hf["n_embd"],
+                  token_ids=check_token_ids(path, hf.get("token_ids")))
     return check_sizes(path, config, {key: f"field '{key}'" for key in SIZES})
 
 
@@ -227,8 +246,8 @@ def check_sizes(path, config, names):
         if value <= 0:
             raise ValueError(f"{path}: {names[key]} is {value}; it must be positive")
     if config["n_embd"] % config["n_head"]:
-        raise ValueError(f"{path}: {names['n_head']} is {config['n_head']}, which does not divide n_embd "
-                         f"{config['n_embd']} (each head gets n_embd / n_head dimensions)")
+        raise ValueError(f"{path}: {names['n_head']} is {config['n_head']}, which does not divide "
+                         f"n_embd {config['n_embd']} (each head gets n_embd / n_head dimensions)")
     if config["token_ids"] is not None and len(config["token_ids"]) != config["vocab_size"]:
         raise ValueError(f"{path}: token_ids has {len(config['token_ids'])} ids for vocab_size "
                          f"{config['vocab_size']} (one per row of wte)")
@@ -244,7 +263,8 @@ def check_token_ids(where, ids):
         return None
     if not (isinstance(ids, list) and ids and all(type(i) is int and 0 <= i < VOCAB for i in ids)
             and len(set(ids)) == len(ids)):
-        raise ValueError(f"{where}: token_ids must be a list of distinct GPT-2 ids (0 to {VOCAB - 1})")
+        raise ValueError(f"{where}: token_ids must be a list of distinct GPT-2 ids "
+                         f"(0 to {VOCAB - 1})")
     return tuple(ids)
 
 
@@ -258,23 +278,32 @@ def config_from_shapes(path, tensors, metadata):
             raise ValueError(f"{path}: missing tensor '{name}'")
         # (rows, n_embd); anything else would fail to unpack below
         if tensors[key[name]].dim() != 2:
-            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[key[name]].shape)}; "
-                             f"expected 2 dimensions")
+            raise ValueError(f"{path}: tensor '{name}' has shape "
+                             f"{tuple(tensors[key[name]].shape)}; expected 2 dimensions")
     vocab_size, n_embd = tensors[key["wte.weight"]].shape
     n_layer = len({k.split(".")[1] for k in key if k.startswith("h.")})
     n_head = metadata.get("n_head", str(max(1, n_embd // 64)))
     # int() would also take " 4", "+4", "4_0" and "٤"
     if not (n_head.isascii() and n_head.isdigit()):
-        raise ValueError(f"{path}: metadata 'n_head' is {n_head[:40]!r}; expected a positive integer")
-    try:
-        token_ids = json.loads(metadata["token_ids"]) if "token_ids" in metadata else None
-    except (json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{path}: metadata token_ids is not JSON") from None
-    config = dict(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size, n_layer=n_layer,
-                  n_head=int(n_head), n_embd=n_embd, token_ids=check_token_ids(path, token_ids))
-    names = {"n_layer": "the number of blocks (tensors h.N.*)", "n_embd": "n_embd (columns of wte.weight)",
-             "n_positions": "n_positions (rows of wpe.weight)", "vocab_size": "vocab_size (rows of wte.weight)",
-             "n_head": "metadata 'n_head'" if "n_head" in metadata else "n_head (n_embd // 64: no metadata 'n_head')"}
+        raise ValueError(f"{path}: metadata 'n_head' is {n_head[:40]!r}; expected a positive "
+                         f"integer")
+    token_ids = None
+    if "token_ids" in metadata:
+        try:
+            token_ids = json.loads(metadata["token_ids"])
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"{path}: metadata token_ids is not JSON") from None
+    config = dict(block_size=tensors[key["wpe.weight"]].shape[0], vocab_size=vocab_size,
+                  n_layer=n_layer, n_head=int(n_head), n_embd=n_embd,
+                  token_ids=check_token_ids(path, token_ids))
+    # what each size is called in the error messages: where it was read off the file
+    names = {"n_layer": "the number of blocks (tensors h.N.*)",
+             "n_embd": "n_embd (columns of wte.weight)",
+             "n_positions": "n_positions (rows of wpe.weight)",
+             "vocab_size": "vocab_size (rows of wte.weight)",
+             "n_head": "metadata 'n_head'"}
+    if "n_head" not in metadata:
+        names["n_head"] = "n_head (n_embd // 64: no metadata 'n_head')"
     return check_sizes(path, config, names)
 
 
@@ -286,8 +315,10 @@ def load_hf_state_dict(model, tensors, path):
     if lm_head is not None and not torch.equal(lm_head, tensors.get("wte.weight", lm_head)):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them")
     # the causal-mask buffers of older HF versions are constants, not weights
-    tensors = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    expected = {k.removeprefix("transformer."): p for k, p in model.state_dict().items() if k != "lm_head.weight"}
+    masks = (".attn.bias", ".attn.masked_bias")
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(masks)}
+    expected = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
+                if k != "lm_head.weight"}
     for key in tensors:
         if key not in expected:
             raise ValueError(f"{path}: unexpected tensor '{key}' (not a GPT-2 checkpoint?)")
@@ -295,14 +326,16 @@ def load_hf_state_dict(model, tensors, path):
         if key not in tensors:
             raise ValueError(f"{path}: missing tensor '{key}'")
         if tensors[key].shape != param.shape:
-            raise ValueError(f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+            raise ValueError(f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                             f"expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensors[key])
 
 
-# ------------------------------------------------------------------------------- a train.py run directory
+# ------------------------------------------------------------------------ a train.py run directory
 
-RUN_FILES = ("ckpt.pt", "progress.json", "log.jsonl", "config.json", "model.safetensors", "loss.png")
+RUN_FILES = ("ckpt.pt", "progress.json", "log.jsonl", "config.json", "model.safetensors",
+             "loss.png")
 # a directory with any of these holds a run (or a model)
 MARKS = ("ckpt.pt", "progress.json", "model.safetensors")
 # an --overwrite run's predecessor waits here until the new run's first checkpoint
@@ -320,11 +353,12 @@ def progress(out_dir):
         return None
     try:
         state = json.loads(path.read_text())
-        return {"step": int(state["step"]), "max_iters": int(state["max_iters"]), "finished": bool(state["finished"]),
-                "init_from": str(state.get("init_from", "")), "data": str(state.get("data", "")),
-                "settings": dict(state.get("settings", {}))}
+        return {"step": int(state["step"]), "max_iters": int(state["max_iters"]),
+                "finished": bool(state["finished"]), "init_from": str(state.get("init_from", "")),
+                "data": str(state.get("data", "")), "settings": dict(state.get("settings", {}))}
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path}: not a progress file of train.py (delete it, or the run)") from None
+        raise ValueError(f"{path}: not a progress file of train.py (delete it, or the "
+                         f"run)") from None
 
 
 def holds_run(out_dir):
@@ -338,7 +372,8 @@ def save_run(out_dir, model, state, marks):
     last, so a full disk or a kill leaves the previous step's files whole, and progress.json never
     speaks for files older than itself (a resume repairs the rest). The first checkpoint of an
     --overwrite run lets the run it replaced go (set_aside)."""
-    out_dir, staging = Path(out_dir), Path(out_dir) / ".saving"
+    out_dir = Path(out_dir)
+    staging = out_dir / ".saving"
     try:
         staging.mkdir(exist_ok=True)
         model.save_pretrained(staging)
@@ -348,8 +383,9 @@ def save_run(out_dir, model, state, marks):
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
         why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
-        raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} ({why}); "
-                      f"nothing of it was kept, and the files already there are intact") from None
+        raise OSError(f"could not write the checkpoint of step {state['step']} into {out_dir} "
+                      f"({why}); nothing of it was kept, and the files already there are "
+                      f"intact") from None
     for name in ("ckpt.pt", "config.json", "model.safetensors", "progress.json"):
         os.replace(staging / name, out_dir / name)
     staging.rmdir()
@@ -375,7 +411,8 @@ def put_back(out_dir):
     """The new run ended before its first checkpoint: delete what it wrote and return the run it
     was to replace."""
     out_dir = Path(out_dir)
-    moving, aside = out_dir / ".replacing", out_dir / REPLACED
+    moving = out_dir / ".replacing"
+    aside = out_dir / REPLACED
     # stopped while setting aside: every file is the old run's, part of them not yet moved
     if moving.is_dir():
         for path in moving.iterdir():
@@ -417,14 +454,18 @@ def load_checkpoint(path, weights=True):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     # a truncated, random or foreign file: the unpickler can fail in any way on bad bytes
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = lines[0][:120]  # the message's first line, or the error's name
         raise ValueError(f"{path}: not a readable checkpoint of train.py ({first})") from None
     keys = {"model", "model_config", "optimizer", "scaler", "config", "step", "log", "rng"}
     if not isinstance(ckpt, dict) or not keys <= set(ckpt):
-        raise ValueError(f"{path}: not a checkpoint of train.py (missing {sorted(keys - set(ckpt or {}))[:3]})")
-    bad = [k for k, t in ckpt["model"].items() if weights and t.is_floating_point() and not torch.isfinite(t).all()]
+        missing = sorted(keys - set(ckpt or {}))[:3]
+        raise ValueError(f"{path}: not a checkpoint of train.py (missing {missing})")
+    bad = [k for k, t in ckpt["model"].items()
+           if weights and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise ValueError(f"{path}: tensor '{bad[0]}' holds NaN or Inf; resume from an earlier run instead")
+        raise ValueError(f"{path}: tensor '{bad[0]}' holds NaN or Inf; resume from an earlier run "
+                         f"instead")
     return ckpt
 
 
@@ -433,18 +474,23 @@ def unfinished(out_dir):
     or None if it is one, or out_dir holds no run. Its ckpt.pt knows the step it reached and the
     run's max_iters; progress.json must agree with it, or the run was stopped while it saved."""
     out_dir = Path(out_dir)
-    state, path = progress(out_dir), out_dir / "ckpt.pt"
+    state = progress(out_dir)
+    path = out_dir / "ckpt.pt"
     resume = f"python train.py --init_from=resume --out_dir={out_dir}"
     if not path.is_file():
-        return None if state is None or state["finished"] else \
-            f"{out_dir} is an unfinished run (step {state['step']} of {state['max_iters']}) and has no ckpt.pt to " \
-            f"finish it from"
+        if state is None or state["finished"]:
+            return None
+        return (f"{out_dir} is an unfinished run (step {state['step']} of {state['max_iters']}) "
+                f"and has no ckpt.pt to finish it from")
     ckpt = load_checkpoint(path, weights=False)
-    step, max_iters = ckpt["step"], ckpt.get("max_iters", ckpt["step"])
+    step = ckpt["step"]
+    max_iters = ckpt.get("max_iters", step)
     if step < max_iters:
-        return f"{out_dir} is an unfinished run (step {step} of {max_iters}); finish it with: {resume}"
+        return (f"{out_dir} is an unfinished run (step {step} of {max_iters}); finish it with: "
+                f"{resume}")
     if not marks_agree(state, ckpt):
-        return f"{out_dir}: its progress.json does not match its ckpt.pt (stopped while saving?); repair it with: {resume}"
+        return (f"{out_dir}: its progress.json does not match its ckpt.pt (stopped while "
+                f"saving?); repair it with: {resume}")
     return None
 
 
@@ -455,4 +501,6 @@ def marks_agree(state, ckpt):
     if state is None:
         return False
     max_iters = ckpt.get("max_iters", ckpt["step"])
-    return (state["step"], state["max_iters"], state["finished"]) == (ckpt["step"], max_iters, ckpt["step"] >= max_iters)
+    said = (state["step"], state["max_iters"], state["finished"])  # what progress.json says
+    saved = (ckpt["step"], max_iters, ckpt["step"] >= max_iters)  # what the checkpoint holds
+    return said == saved
