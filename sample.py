@@ -292,7 +292,7 @@ def interactive(model, config, rule_set, device, dtype):
                                  device=device, dtype=dtype)
 
 
-def chat_turn(model, messages, text, config, rule_set, device, dtype):
+def chat_turn(model, messages, text, *, config, rule_set, device, dtype):
     """The conversation with the user's `text` and the model's reply added. A message too long to
     leave room for a reply is refused (the conversation is returned unchanged). Ctrl-C during the
     reply stops it, and the part already shown stays in the conversation, so that the model

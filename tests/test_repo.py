@@ -74,6 +74,16 @@ def test_no_script_imports_a_script():
     assert not bad, bad
 
 
+def test_no_call_passes_seven_positional_arguments():
+    """Seven positional arguments are read by counting (issue 20): a call that needs that many names them."""
+    crowded = []
+    for path, tree in sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and len(node.args) >= 7:
+                crowded.append(f"{path.name}:{node.lineno} {ast.unparse(node.func)}")
+    assert not crowded, crowded
+
+
 def test_every_function_fits_on_a_screen():
     long = [f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path, tree in sources().items() for node in ast.walk(tree)

@@ -231,7 +231,8 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_conversation(small_hf, monkeypatch, 
     full = model.generate([prompt], 20, greedy=True)[0]
     assert len(full) > 3  # so the reply is cut short
     monkeypatch.setattr(sample, "Printer", StoppedPrinter)
-    messages = sample.chat_turn(model, earlier, "Hi", chat_config(), rules.NO_RULES, "cpu", "float32")
+    messages = sample.chat_turn(model, earlier, "Hi", config=chat_config(), rule_set=rules.NO_RULES,
+                                device="cpu", dtype="float32")
     assert messages[:3] == earlier + [{"role": "user", "content": "Hi"}]
     assert messages[3:] == [{"role": "assistant", "content": chat.decode(full[:3])}]  # the part shown is kept
     assert "(reply stopped; the part shown stays in the conversation)" in capsys.readouterr().err

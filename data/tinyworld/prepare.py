@@ -60,7 +60,7 @@ def conversation_key(row):
 
 def tuning_rows(family, n, seed, exclude):
     """n finetuning instances, distinct conversations while there are enough, then repeated in turn."""
-    rows = distinct(family, "train", n, seed, exclude, conversation_key)
+    rows = distinct(family, "train", n, seed, exclude, key=conversation_key)
     return [rows[i % len(rows)] for i in range(n)]
 
 
@@ -68,7 +68,7 @@ def validation_rows(families, n, seed, exclude, train):
     """n instances of `families` in turn, none in `exclude` (by instruction) or `train` (by conversation):
     a family with none left (category, whose few conversations all train) leaves its turn to the others."""
     seen = {conversation_key(row) for row in train}
-    pools = [distinct(f, "train", n, seed, exclude, conversation_key, seen) for f in families]
+    pools = [distinct(f, "train", n, seed, exclude, key=conversation_key, seen=seen) for f in families]
     rows = []
     while len(rows) < n and any(pools):
         rows += [pool.pop(0) for pool in pools if pool][:n - len(rows)]
