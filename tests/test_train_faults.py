@@ -305,9 +305,9 @@ def test_a_diverged_update_is_never_saved_or_called_done(tmp_path, max_iters):
 
 def test_resume_repairs_the_marks_of_a_run_killed_while_it_saved(tmp_path):
     """Killed between ckpt.pt's rename and progress.json's: the checkpoint is at the last step, progress.json and
-    the export one checkpoint behind. evaluate.py refuses such a run, and resume rewrites the marks from the
-    checkpoint (it used to say "done" and leave progress.json unfinished for ever)."""
-    import evaluate
+    the export one checkpoint behind. evaluate.py refuses such a run (comparison.check_finished), and resume
+    rewrites the marks from the checkpoint (it used to say "done" and leave progress.json unfinished for ever)."""
+    from comparison import check_finished  # what evaluate.py, epochs.py run on every model
     out = tmp_path / "run"
     assert run(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
     final = (out / "model.safetensors").read_bytes()
@@ -315,18 +315,18 @@ def test_resume_repairs_the_marks_of_a_run_killed_while_it_saved(tmp_path):
     (out / "progress.json").write_text(json.dumps(stale))
     (out / "model.safetensors").write_bytes(b"stale")  # the export lags too
     with pytest.raises(ValueError, match="is an unfinished run|does not match its ckpt.pt"):
-        evaluate.check_finished(str(out))
+        check_finished(str(out))
     r = run("--init_from=resume", f"--out_dir={out}", "--device=cpu")
     assert r.returncode == 0 and "done" in r.stdout, r.stderr
     assert marks(out) == {"step": 4, "max_iters": 4, "finished": True, "init_from": "scratch", "data": "sample"}
     assert (out / "model.safetensors").read_bytes() == final
-    evaluate.check_finished(str(out))  # a finished run now
+    check_finished(str(out))  # a finished run now
     # and a half-trained run with no progress.json (it used to be scored): its ckpt.pt knows its step and max_iters
     state = torch.load(out / "ckpt.pt", weights_only=True)
     torch.save({**state, "step": 2}, out / "ckpt.pt")
     (out / "progress.json").unlink()
     with pytest.raises(ValueError, match=r"is an unfinished run \(step 2 of 4\); finish it with"):
-        evaluate.check_finished(str(out))
+        check_finished(str(out))
 
 
 def limit_file_size(size):
