@@ -114,9 +114,30 @@ class Stopped(BaseException):
 
 
 def on_sigterm(signum, frame):
-    """The SIGTERM handler of sample.py and evaluate.py: raise Stopped where the script is, so that
+    """The SIGTERM handler of the scripts but train.py: raise Stopped where the script is, so that
     its own code keeps what it has and stops its children, as on Ctrl-C."""
     raise Stopped(128 + signal.SIGTERM, "terminated")
+
+
+def run_main(main, kept):
+    """The last lines of evaluate.py and the programs beside it: main(sys.argv[1:]) with SIGTERM
+    handled (here, not on import: tests import the scripts). A user mistake (ValueError, OSError)
+    is one line and exit 1. Ctrl-C or SIGTERM, once the children have checkpointed and exited,
+    exits 130 or 143 with one line saying what was `kept`."""
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, Stopped) as e:
+        code = 128 + signal.SIGINT
+        if isinstance(e, Stopped):
+            code = e.code
+        word = "interrupted"
+        if code == 128 + signal.SIGTERM:
+            word = "terminated"
+        print(f"{word}: {kept}", file=sys.stderr)
+        sys.exit(code)
 
 
 def read_toml(path):

@@ -14,14 +14,13 @@ own files in eval/.
 """
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
 import chat
 from checkpoint import progress
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, cell, check_ranges, numbers, on_sigterm,
-                 parse_flags, pick_device, pick_dtype, pyplot, refuse_overwriting)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, cell, check_ranges, numbers, parse_flags,
+                 pick_device, pick_dtype, pyplot, refuse_overwriting, run_main)
 from comparison import ROOT, file_name, find_run, run_script, train_if_missing, train_settings
 
 # ---------------------------------------------------------------------------------------- defaults
@@ -210,12 +209,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests import this file
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except (KeyboardInterrupt, Stopped) as e:  # children have checkpointed and exited (run_script)
-        print("stopped: finished runs are kept, a stopped one resumes when this runs again",
-              file=sys.stderr)
-        sys.exit(e.code if isinstance(e, Stopped) else 128 + signal.SIGINT)
+    run_main(main, "the finished runs are kept, and a stopped one resumes when this runs again; "
+                   "the table was not written")

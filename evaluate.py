@@ -34,7 +34,6 @@ CPU).
 import json
 import random
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -42,9 +41,8 @@ import torch
 from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, cell, check_ranges, for_inference,
-                 on_sigterm, parse_flags, pick_device, pick_dtype, pyplot, refuse_overwriting,
-                 use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, cell, check_ranges, for_inference, parse_flags,
+                 pick_device, pick_dtype, pyplot, refuse_overwriting, run_main, use_threads)
 from comparison import (PAPER, check_finished, file_name, find_run, parse_model, rule_models,
                         train_if_missing)
 from model import EOT, GPT
@@ -350,17 +348,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests import this file
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except (KeyboardInterrupt, Stopped) as e:  # training children have checkpointed and exited
-        if isinstance(e, Stopped):
-            code = e.code
-        else:
-            code = 128 + signal.SIGINT
-        word = "terminated" if code == 128 + signal.SIGTERM else "interrupted"
-        print(f"{word}: the files written so far are kept (each model's answers, finetuned runs "
-              f"to resume); the table was not written", file=sys.stderr)
-        sys.exit(code)
+    run_main(main, "the files written so far are kept (each model's answers, finetuned runs to "
+                   "resume); the table was not written")

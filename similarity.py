@@ -13,7 +13,6 @@ as x falls. Writes similarity-<task>.png and similarity.json (per model the corr
 and the mean of y) into --out_dir, beside the answers --compare wrote there.
 """
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, autocast, check_ranges, for_inference,
-                 on_sigterm, parse_flags, pick_device, pick_dtype, pyplot, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, autocast, check_ranges, for_inference, parse_flags,
+                 pick_device, pick_dtype, pyplot, run_main, use_threads)
 from comparison import file_name
 from model import EOT, GPT, varying_lengths
 
@@ -156,10 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests import this file
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except (KeyboardInterrupt, Stopped) as e:
-        sys.exit(e.code if isinstance(e, Stopped) else 128 + signal.SIGINT)
+    run_main(main, "nothing was written")

@@ -13,7 +13,6 @@ Mean ± sd over seeds in out/tinyworld/results.{md,json,png}, every model's judg
 out/tinyworld/seed<N>/.
 """
 import json
-import signal
 import statistics
 import sys
 import time
@@ -28,8 +27,8 @@ import world  # noqa: E402  TinyWorld's task families and their exact checkers
 
 import chat  # noqa: E402
 # noqa: E402
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, check_ranges, for_inference, numbers,
-                 on_sigterm, parse_flags, pick_device, pick_dtype, pyplot, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, check_ranges, for_inference, numbers,  # noqa: E402
+                 parse_flags, pick_device, pick_dtype, pyplot, run_main, use_threads)
 from comparison import PAPER, ROOT, file_name, parse_model, rule_models, run_train  # noqa: E402
 from model import EOT, GPT  # noqa: E402
 from rules import GREEDY, respond  # noqa: E402
@@ -303,17 +302,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)  # here, not on import: tests import this file
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except (KeyboardInterrupt, Stopped) as e:  # training children have checkpointed and exited
-        if isinstance(e, Stopped):
-            code = e.code
-        else:
-            code = 128 + signal.SIGINT
-        word = "terminated" if code == 128 + signal.SIGTERM else "interrupted"
-        print(f"{word}: the files written so far are kept (finished seeds' results, each model's "
-              f"answers, finetuned runs to resume); the table was not written", file=sys.stderr)
-        sys.exit(code)
+    run_main(main, "the files written so far are kept (finished seeds' results, each model's "
+                   "answers, finetuned runs to resume); the table was not written")
