@@ -53,7 +53,7 @@ def tokenizer():
             raise OSError(f"GPT-2's tokenizer files could not be read or downloaded "
                           f"({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a directory "
                           f"holding tiktoken's cache of them "
-                          f"(README: 'The tokenizer offline')") from e
+                          f"(docs/design.md: 'The tokenizer offline')") from e
     return _encoding
 
 
@@ -375,7 +375,8 @@ def empty_instructions(messages):
 def normalize(messages):
     """Every content with its line ends as \\n: Windows' \\r\\n first, then any lone \\r (MBPP task
     732's code ends in one). MBPP's code and the poetry CSV carry \\r\\n, and a model trained on
-    them learns to write \\r. (The official scripts keep them; README, departures.)"""
+    them learns to write \\r. (The official scripts keep them: a departure,
+    docs/faithfulness.md.)"""
     normalized = []
     for m in messages:
         content = m["content"].replace("\r\n", "\n").replace("\r", "\n")

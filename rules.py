@@ -75,8 +75,8 @@ RULE_NAMES = ("eos", "diversity", "uniform")
 @dataclass(frozen=True)
 class RuleSet:
     """Which rules are on, and the choices where the official code and the paper's text differ
-    (README). The module is the rule LM, RULE_NAMES the rules' names, a RuleSet one choice of them
-    (NO_RULES: plain GPT-2)."""
+    (docs/faithfulness.md). The module is the rule LM, RULE_NAMES the rules' names, a RuleSet one
+    choice of them (NO_RULES: plain GPT-2)."""
     eos: bool = True
     diversity: bool = True
     uniform: bool = True
