@@ -4,7 +4,7 @@ pretrained LM (a product of experts), make it follow instructions.
 
     python sample.py --rules --prompt="Give me a recipe for tiramisu."   # GPT-2 x all three rules
     python sample.py --rules=eos,uniform --prompt="..."          # any subset; --rules=none: off
-    python rules.py              # prints the rules' biases step by step and draws rules.png
+    python rules.py              # prints the rules' biases step by step and draws out/rules.png
 
 Next-token log-probabilities are log_softmax(GPT-2 logits) + log_softmax(rule scores),
 renormalized, and decoding is greedy, as in the paper's evaluation. The rules score the next token
@@ -384,7 +384,7 @@ RESPONSE = """Here is a simple tiramisu:
 
 Enjoy!"""
 
-USAGE = "    python rules.py [PATH.png]     # default: rules.png"
+USAGE = "    python rules.py [PATH.png]     # default: out/rules.png (out*/ is git-ignored)"
 
 
 def main(argv):
@@ -400,7 +400,11 @@ def main(argv):
                              "(the one argument is a PATH.png; see --help)")
     if len(argv) > 1:
         raise ValueError(f"one PATH.png at most, got {len(argv)} arguments (see --help)")
-    path = Path(argv[0] if argv else "rules.png")
+    if argv:
+        path = Path(argv[0])
+    else:
+        path = Path("out/rules.png")  # where .gitignore covers, not an untracked file in the repository
+        path.parent.mkdir(exist_ok=True)
     if not path.parent.is_dir():  # now, not after the table is printed
         raise FileNotFoundError(f"{path}: no such directory {path.parent}")
     explain("Give me a recipe for tiramisu.", RESPONSE, path=path)
