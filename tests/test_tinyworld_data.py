@@ -1,7 +1,10 @@
 """TinyWorld (data/tinyworld): the internet's generator, the exact judge, and the sets prepare.py writes."""
+import functools
+import itertools
 import json
 import random
 import re
+import string
 import sys
 
 from conftest import ROOT
@@ -18,12 +21,39 @@ import world
 SMALL = {"n_documents": 1500, "n_val_documents": 100}  # prepare.main's sets in full, fewer documents
 
 
-def family_of(instruction):
-    """The family whose phrasing `instruction` is, found from the phrasings alone (exactly one must match)."""
-    found = [f for f, phrasings in world.PHRASINGS.items() for p in phrasings
-             if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(p)), instruction)]
+def pattern(phrasing):
+    """A phrasing as a regular expression whose named groups are its fields ("{xs}", "{creature}", ...)."""
+    parts, seen = [], set()
+    for literal, field, _, _ in string.Formatter().parse(phrasing):  # as str.format reads it
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(f"(?P={field})" if field in seen else f"(?P<{field}>.+)")
+            seen.add(field)
+    return re.compile("".join(parts))
+
+
+PATTERNS = [(family, pattern(p)) for family, phrasings in world.PHRASINGS.items() for p in phrasings]
+
+
+def question(instruction):
+    """(family, fields): what `instruction` asks, whatever its phrasing ("Add 12 and 7." asks what "What is 12
+    plus 7?" asks), found from the phrasings alone (exactly one must match)."""
+    found = [(f, tuple(sorted(m.groupdict().items())))
+             for f, p in PATTERNS if (m := p.fullmatch(instruction))]
     assert len(found) == 1, (instruction, found)
     return found[0]
+
+
+def family_of(instruction):
+    """The family whose phrasing `instruction` is."""
+    return question(instruction)[0]
+
+
+def instruction_space(family, split):
+    """The distinct instructions of prepare.DRAWS draws: all of a small family's (the 12 of category's train
+    split), as prepare.py's own draws find them."""
+    rng = random.Random(f"space-{family}")
+    return {world.make_instance(family, rng, split)["instruction"] for _ in range(prepare.DRAWS)}
 
 
 # ------------------------------------------------------------------------------------------------ the internet
@@ -76,8 +106,9 @@ def test_most_dialogues_end_right_after_an_answer(monkeypatch):
 
 # --------------------------------------------------------------------------------------------------- the judge
 
-def near_misses(row):
-    """Plausible wrong answers to `row`: what a model that almost knows would write."""
+def family_misses(row):
+    """Plausible wrong answers to `row` of a shipped family: what a model that almost knows would write. A
+    family these tests do not know (exercise 13's ninth) has none here: generic_misses are its near misses."""
     p, family = row["params"], row["family"]
     if family == "sort":
         return [" ".join(map(str, p["xs"])), " ".join(map(str, sorted(p["xs"])[:-1]))]
@@ -98,7 +129,48 @@ def near_misses(row):
         return [str(p["n"] + 1), str(p["n"] - 1), f"{p['n']} words"]
     if family == "attribute":
         return [next(c for c in world.COLOURS if c != p["colour"]), f"a {p['creature']} is {p['colour']}"]
-    raise AssertionError(family)
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def answer_words(family):
+    """Every word of the family's reference answers (both splits): the pool its checker reads answers in."""
+    rng = random.Random(0)
+    return frozenset(w for split in ("train", "test") for _ in range(prepare.DRAWS)
+                     for w in world.words(world.make_instance(family, rng, split)["answer"]))
+
+
+@functools.lru_cache(maxsize=None)
+def strangers(family):
+    """Words of the other families' answers that no answer of `family` uses ("apple" for sort, "7" for
+    recipe)."""
+    others = set().union(*(answer_words(f) for f in world.FAMILIES if f != family))
+    return sorted(others - answer_words(family))
+
+
+def generic_misses(row):
+    """Wrong answers to a row of any family, a new one included: the reference said twice, with one word
+    dropped or swapped for a stranger (another family's answer word), and the answers of other questions of
+    its family (another creature's colour, another title's poem) where their words differ. They hold what
+    every checker of the judge does: each word of a reference answer counts; one question's answer answers
+    no other."""
+    answer, family = row["answer"], row["family"]
+    misses = [answer + "\n" + answer]
+    spans = [m.span() for m in re.finditer(r"[a-z0-9]+", answer.lower())]
+    for (a, b), stranger in zip(spans, itertools.cycle(strangers(family))):
+        misses += [answer[:a] + answer[b:], answer[:a] + stranger + answer[b:]]
+    rng, asked = random.Random(row["instruction"]), question(row["instruction"])
+    said = sorted(world.words(answer))
+    for split in ("train", "test"):
+        for other in (world.make_instance(family, rng, split) for _ in range(10)):
+            if question(other["instruction"]) != asked and sorted(world.words(other["answer"])) != said:
+                misses.append(other["answer"])
+    return misses
+
+
+def near_misses(row):
+    """Wrong answers the checker of `row` must reject, for any family: its own and the generic ones."""
+    return family_misses(row) + generic_misses(row)
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
@@ -142,17 +214,30 @@ def test_list_answers_in_any_order_and_with_and():
     assert not world.check(poem, f"The {title} is blue,\nThe {title} is warm,\nAnd I sing of the {title}.")
 
 
-def test_test_entities_and_instructions_never_occur_in_other_splits():
+BIG = 20 * prepare.N_TEST  # over this many test questions, a family needs no split (sort, add, ...)
+
+
+def test_no_test_question_is_asked_outside_the_test_split():
+    """Every family, a new one included. A family of few questions (category, poem, attribute, recipe: a few
+    entities each) must split its entities, as CREATURES are: or finetuning and dev would ask the test's
+    questions, if only in other words (prepare.py drops a test instruction by its string, not its question).
+    Only a big family, over BIG questions, may share them: a draw asks one of its N_TEST test questions by
+    chance at most 1 time in 20 (add, the smallest, 2%)."""
     rng = random.Random(0)
     for family in world.FAMILIES:
-        test = {world.make_instance(family, rng, "test")["instruction"] for _ in range(2000)}
-        train = {world.make_instance(family, rng, "train")["instruction"] for _ in range(2000)}
-        assert {family_of(i) for i in test | train} == {family}
-        if family in ("category", "poem", "attribute", "recipe"):
-            assert not test & train, family
-    sizes = {f: len({world.make_instance(f, rng, "test")["instruction"] for _ in range(3000)})
-             for f in ("category", "poem", "attribute", "recipe")}
-    assert sizes == {"category": 24, "poem": 120, "attribute": 48, "recipe": 30}
+        test = prepare.distinct(family, "test", prepare.N_TEST, prepare.TEST_SEED)  # the test set's own
+        tested = {question(r["instruction"]) for r in test}
+        draws = [world.make_instance(family, rng, "train")["instruction"] for _ in range(2000)]
+        assert {family_of(i) for i in draws + [r["instruction"] for r in test]} == {family}
+        n_questions = len({question(i) for i in instruction_space(family, "test")})
+        leaked = [i for i in draws if question(i) in tested]
+        assert not leaked or (n_questions > BIG and len(leaked) <= len(draws) / 20), (
+            f"{family}: {len(leaked)} of {len(draws)} non-test draws ask a test question, e.g. "
+            f"{leaked[0]!r} ({n_questions} test questions): split its entities between test and the rest")
+    entities = {"category": world.N_TEST_CATEGORIES, "poem": world.N_TEST_TITLES,
+                "attribute": world.N_TEST_CREATURES, "recipe": world.N_TEST_DISHES}
+    sizes = {f: len(instruction_space(f, "test")) for f in entities if f in world.FAMILIES}
+    assert sizes == {f: n * len(world.PHRASINGS[f]) for f, n in entities.items() if f in world.FAMILIES}
 
 
 # ------------------------------------------------------------------------------------------------ prepare.py
@@ -161,15 +246,32 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
+def per_family(rows):
+    return {f: sum(r["family"] == f for r in rows) for f in world.FAMILIES}
+
+
 def test_prepare_keeps_test_instructions_out_of_dev_and_finetuning(tmp_path):
+    """The sets' sizes follow from prepare.py's rules and the world's families (294 test and 238 dev
+    instances in the shipped world): the test set holds N_TEST of a family's test instructions, all where it
+    has fewer; dev N_DEV of the others, and where they are few, all of a held-out family's and half of a
+    finetuned one's (the other half is for finetuning)."""
     prepare.main(tmp_path, **SMALL)
     test, dev = read_jsonl(tmp_path / "test.jsonl"), read_jsonl(tmp_path / "dev.jsonl")
     test_instructions = [r["instruction"] for r in test]
     dev_instructions = {r["instruction"] for r in dev}
-    assert len(set(test_instructions)) == len(test) == 294 and len(dev_instructions) == len(dev)
+    assert len(set(test_instructions)) == len(test) and len(dev_instructions) == len(dev)
     assert all(world.check(r, r["answer"]) and family_of(r["instruction"]) == r["family"] for r in test + dev)
     assert not set(test_instructions) & dev_instructions
-    counts = {"tinyworld_train": 300, "tinyworld_val": 50, "tinyworld_poem_train": 300, "tinyworld_poem_val": 50}
+    expected_test = {f: min(prepare.N_TEST, len(instruction_space(f, "test"))) for f in world.FAMILIES}
+    assert per_family(test) == expected_test, expected_test
+    left = {f: min(2 * prepare.N_DEV, len(instruction_space(f, "train") - set(test_instructions)))
+            for f in world.FAMILIES}
+    expected_dev = {f: min(prepare.N_DEV, n if f in world.HELD_OUT else n // 2) for f, n in left.items()}
+    assert per_family(dev) == expected_dev, expected_dev
+    assert all(expected_dev.values()), (  # every family is scored by experiment.py --split=dev
+        f"no dev instance of {[f for f, n in expected_dev.items() if not n]}: the test set took them all")
+    counts = {"tinyworld_train": prepare.N_TUNE * len(world.FINETUNED), "tinyworld_val": prepare.N_TUNE_VAL,
+              "tinyworld_poem_train": prepare.N_POEM, "tinyworld_poem_val": prepare.N_POEM_VAL}
     for name, n in counts.items():
         conversations = chat.read_conversations(tmp_path / f"{name}.jsonl")
         instructions = [c[0]["content"] for c in conversations]
@@ -178,11 +280,13 @@ def test_prepare_keeps_test_instructions_out_of_dev_and_finetuning(tmp_path):
         families = [family_of(i) for i in instructions]
         assert set(families) <= set(world.FINETUNED) and ("poem" in name) == (set(families) == {"poem"})
     train = chat.read_conversations(tmp_path / "tinyworld_train.jsonl")
-    assert sorted(map(family_of, (c[0]["content"] for c in train))) == sorted(list(world.FINETUNED) * 60)
+    families = sorted(map(family_of, (c[0]["content"] for c in train)))
+    assert families == sorted(list(world.FINETUNED) * prepare.N_TUNE)
     responses = chat.read_conversations(tmp_path / "tinyworld_responses_train.jsonl")
     assert [c[1] for c in responses] == [c[1] for c in train] and {c[0]["content"] for c in responses} == {""}
     documents = read_jsonl(tmp_path / "tinyworld_pretrain_train.jsonl")
-    assert len(documents) == 1500 and len(read_jsonl(tmp_path / "tinyworld_pretrain_val.jsonl")) == 100
+    assert len(documents) == SMALL["n_documents"]
+    assert len(read_jsonl(tmp_path / "tinyworld_pretrain_val.jsonl")) == SMALL["n_val_documents"]
 
 
 def test_prepare_is_deterministic_and_its_vocab_covers_every_file(tmp_path):
