@@ -49,7 +49,7 @@ def test_help_lists_every_flag_with_its_default():
         assert flag in out.stdout
 
 
-SCRIPTS = {"train", "sample", "evaluate", "similarity", "epochs", "experiment"}
+SCRIPTS = {"train", "sample", "evaluate", "similarity", "epochs", "experiment", "exercises"}
 
 
 def sources():

@@ -89,7 +89,7 @@ def evaluation_sets():
 def token_ids(out_dir, documents, test, dev):
     """Every GPT-2 id the written files hold (read back as the trainer reads them), plus the rule LM's ids;
     and how many tokens the documents are."""
-    ids, n_tokens = {chat.EOT, rules.EOT, *rules.USER_TAG, *rules.ASSISTANT_TAG, *(row[3] for row in rules.UNIFORM)}, 0
+    ids, n_tokens = {chat.EOT, rules.EOT, *rules.USER_TAG, *rules.ASSISTANT_TAG, *(row[3] for row in rules.UNIFORM if row[3] is not None)}, 0
     for text in tqdm(documents, desc="tokenizing documents", leave=False):
         tokens = chat.encode(text)
         ids.update(tokens)
