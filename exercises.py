@@ -52,7 +52,8 @@ EXERCISES = {
 }
 # files that hold reference answers (the checks' oracles, a transcription of the official rules) or
 # the teacher's notes: never in a student copy
-TEACHER_ONLY = {"tests/test_exercises.py", "tests/test_rules.py", "SOLUTIONS.md"}
+TEACHER_ONLY = {"tests/test_exercises.py", "tests/test_rules.py", "tests/test_grading.py",
+                "SOLUTIONS.md"}
 CASES_FILE = "exercises.json"
 STUDENT_TIMEOUT = 600  # seconds for all of one exercise's cases in the student's process
 # the rules' scores are float32: a bias is right to within a few of its ulps at the ramp's top, 15
@@ -920,7 +921,10 @@ def grade(directory, numbers, seed):
 def parse(argv):
     """(command, folder or None, exercise numbers, seed or None) from the command line."""
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
+        try:
+            print(__doc__.strip())
+        except BrokenPipeError:  # --help | head
+            pass
         sys.exit(0)
     if not argv or argv[0] not in ("new", "check", "grade"):
         raise ValueError(f"usage: python exercises.py new DIR | check [N ...] | grade DIR [N ...] "

@@ -103,7 +103,8 @@ def test_any_conversation_round_trips(turns):
     prompt = encode_prompt([{**m, "content": m["content"].strip()} for m in messages[:-1]])
     assert ids[:len(prompt)] == prompt and sum(mask[len(prompt):]) == len(mask) - len(prompt) == len(encode(turns[-1][1].strip())) + 1
     targets = targets_from_mask(ids, mask)
-    assert [t for t in targets if t != -1] == [t for t, m in zip(ids[1:], mask[1:]) if m]
+    # the trained targets are the trained tokens, in order (the first token, <|user|>, never is)
+    assert mask[0] == 0 and [t for t in targets if t != -1] == [t for t, m in zip(ids, mask) if m]
 
 
 # open-instruct's training mask and evaluation prompt, written out as the official code computes them -----------
