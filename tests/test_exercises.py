@@ -8,7 +8,9 @@ test_<exercise> run them on the repository's code (each check takes the function
 test_exercise_checks_catch_wrong_answers replaces each function with plausible wrong answers and a hard-coded one
 (the kind that passes a check of one fixed input) and asserts that its check fails.
 
-    python -m pytest tests/test_exercises.py -k eos_rule      # after writing your own rules.eos_bias
+These oracles are the teacher's: a student copy (python exercises.py new DIR) does not hold this file, and its
+checks (python exercises.py check) compare with the reference's outputs stored as data; tests/test_grading.py
+holds those checks and the grader to the same wrong answers.
 """
 import copy
 import itertools
@@ -562,7 +564,7 @@ def test_watch_of_exercise_4_prepare_writes_the_response_set_through_empty_instr
 
 
 @pytest.mark.skipif(not (TINYWORLD / "bases" / "seed1").exists(), reason="no shipped TinyWorld base")
-def test_watch_of_exercises_6_and_7_gives_the_quoted_ranking_and_repetition(tmp_path):
+def test_watch_of_exercises_6_and_7_gives_the_numbers_quoted(tmp_path):
     """Exercise 6's command, verbatim but for --out_dir (its dev set prepared on first use, as in a fresh clone):
     the ranking % and repeat % EXERCISES.md quotes."""
     command = ("--models=data/tinyworld/bases/seed1 --eval_set=data/tinyworld/dev.jsonl --max_new_tokens=48 "
