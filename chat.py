@@ -400,10 +400,14 @@ def write_sets(directory, name, train, val=(), responses_only=False):
     variants = {name: lambda c: c}
     if responses_only:
         variants[f"{name}_responses"] = empty_instructions
+    made = {}  # every file's rows, made before any is written: a failure leaves no file half made
     for variant, transform in variants.items():
         for split, rows in splits.items():
             path = Path(directory) / f"{variant}_{split}.jsonl"
-            write_jsonl(path, [{"messages": transform(c)} for c in rows])
+            made[path] = [{"messages": transform(c)} for c in rows]
+    for path, rows in made.items():
+        write_jsonl(path, rows)
+    for variant in variants:
         # an older preparation's validation file would otherwise be used with the new training set
         if not kept:
             (Path(directory) / f"{variant}_val.jsonl").unlink(missing_ok=True)

@@ -692,6 +692,9 @@ UNIFORM_NOTE = """\
 """
 
 
+# exercise 2's written answer: Llama's three-space piece and GPT-2's single space, id 220, on one line
+# (spelled in pieces, so that this file does not hold it)
+SPACES_ANSWER = "\u2581" * 3 + r"[^\n]*\b" + str(22) + "0" + r"\b"
 UNIFORM_DOC = """\
 The uniform rule's tokens are the 15 Llama-2 ids that the official
 `open_instruct/combined_model.py` (lines 147–176) biases. Finding their GPT-2 counterparts, and
@@ -769,6 +772,9 @@ def student_text(file, text):
     if file == "docs/faithfulness.md":  # its table of the 15 tokens is exercise 2's answer
         text = re.sub(r"The uniform rule's tokens are .*?came from the ids\.\n", UNIFORM_DOC, text,
                       flags=re.S)
+        # and the departures table says which Llama piece has no GPT-2 token of its own
+        text = re.sub(r"the GPT-2 tokens with the same strings; `▁▁▁`[^|]*\|[^|]*\|",
+                      "the GPT-2 tokens with the same strings (exercise 2) | — |", text)
     return text
 
 
@@ -800,6 +806,8 @@ def leaks(directory, mods):
     for llama, _, _, token, _ in mods["rules"].UNIFORM:
         rows.append(re.compile(rf"\b{llama}\b.*\b{token}\b"))
     for path, text in texts.items():
+        if path.suffix in (".py", ".md") and re.search(SPACES_ANSWER, text):
+            found.append(f"{path}: the written answer of exercise 2")
         if path.suffix in (".py", ".md"):
             hits = sum(any(row.search(line) for line in text.split("\n")) for row in rows)
             if hits >= 3:

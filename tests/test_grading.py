@@ -59,8 +59,9 @@ def test_the_student_copy_holds_no_answer(copy):
     for file in exercises.TEACHER_ONLY:
         assert not (copy / file).exists(), file
     # the reference's formulas, as written here, appear nowhere: not in a file, not in the history
+    # (exercise 6's draw, `rng.randint(0, n - 1)` per draw, is its specification: EXERCISES.md says it)
     formulas = ["ramping * (15 * n / 250)", "zip(ids[1:], mask[1:])", '{**m, "content": ""} if m',
-                "bias[token] -= 1.5", "rng.randint(0, n - 1)", "wins += score(i, i) > score(i, j)",
+                "bias[token] -= 1.5", "wins += score(i, i) > score(i, j)",
                 "len(set(grams)) / len(grams)", "probs.cumsum(dim=-1) - probs >= p",
                 "range(len(ids) - len(tag), -1, -1)"]
     history = subprocess.run(["git", "log", "-p", "--all"], cwd=copy, capture_output=True,
@@ -94,6 +95,13 @@ def test_the_copy_runs_and_its_checks_say_not_started(copy):
                         "--max_new_tokens=5", "--prompt=Hi", "--device=cpu"], cwd=copy,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "exercise" in r.stderr and "EXERCISES.md" in r.stderr, r.stderr
+    # TinyWorld's preparation needs exercise 4's function: it stops, and writes nothing that would
+    # make the next run think the world is prepared
+    r = subprocess.run([sys.executable, "data/tinyworld/prepare.py"], cwd=copy, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "exercise 4" in r.stderr, r.stderr[-1000:]
+    for name in ("test.jsonl", "dev.jsonl", "tinyworld_train.jsonl", "vocab.json"):
+        assert not (copy / "data" / "tinyworld" / name).exists(), name
 
 
 def test_honest_work_passes_check_and_grade(copy, tmp_path):

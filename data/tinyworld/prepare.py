@@ -110,8 +110,6 @@ def main(out_dir, n_documents=N_DOCUMENTS, n_val_documents=N_VAL_DOCUMENTS):
     test, dev = evaluation_sets()
     test_rows = [row for f in world.FAMILIES for row in test[f]]
     dev_rows = [row for f in world.FAMILIES for row in dev[f]]
-    chat.write_jsonl(out_dir / "test.jsonl", test_rows)
-    chat.write_jsonl(out_dir / "dev.jsonl", dev_rows)
     exclude = {row["instruction"] for row in test_rows + dev_rows}
 
     tune = [row for f in world.FINETUNED for row in tuning_rows(f, N_TUNE, TUNE_SEED, exclude)]
@@ -129,6 +127,10 @@ def main(out_dir, n_documents=N_DOCUMENTS, n_val_documents=N_VAL_DOCUMENTS):
     chat.write_jsonl(out_dir / "tinyworld_pretrain_train.jsonl", [{"text": d} for d in documents])
     chat.write_jsonl(out_dir / "tinyworld_pretrain_val.jsonl", [{"text": d} for d in val_documents])
     ids, n_tokens = token_ids(out_dir, documents + val_documents, test_rows, dev_rows)
+    # the sets that tell the programs TinyWorld is prepared come last: a preparation stopped half way
+    # (a student copy's exercise 4 not written yet, say) is run again, whole, next time
+    chat.write_jsonl(out_dir / "test.jsonl", test_rows)
+    chat.write_jsonl(out_dir / "dev.jsonl", dev_rows)
     chat.write_atomic(out_dir / "vocab.json", json.dumps(ids) + "\n")
 
     per_family = lambda sets: ", ".join(f"{f} {len(sets[f])}" for f in world.FAMILIES)
