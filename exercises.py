@@ -27,6 +27,7 @@ import io
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -104,6 +105,8 @@ def encode(value):
         return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
     if isinstance(value, float) and not math.isfinite(value):
         return {"float": str(value)}
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy's values
+        return encode(value.tolist())
     return value
 
 
@@ -676,7 +679,7 @@ def check(numbers):
         public = public_cases(mods)
     rows = {}
     for number in numbers:
-        results = [(c, want, run(mods, c)) for c, want in public[number]]
+        results = ((c, want, run(mods, c)) for c, want in public[number])  # stops at a failure
         rows[number] = verdict(number, results, mods)
     return 0 if report(rows) else 1
 
@@ -692,8 +695,8 @@ UNIFORM_NOTE = """\
 """
 
 
-# exercise 2's written answer: Llama's three-space piece and GPT-2's single space, id 220, on one line
-# (spelled in pieces, so that this file does not hold it)
+# exercise 2's written answer: Llama's three-space piece and GPT-2's single space, id 220, on one
+# line (spelled in pieces, so that this file does not hold it)
 SPACES_ANSWER = "\u2581" * 3 + r"[^\n]*\b" + str(22) + "0" + r"\b"
 UNIFORM_DOC = """\
 The uniform rule's tokens are the 15 Llama-2 ids that the official
@@ -888,11 +891,17 @@ def student_results(directory, cases):
         cases_path = Path(scratch) / "cases.json"
         out_path = Path(scratch) / "results.json"
         cases_path.write_text(json.dumps(cases), encoding="utf-8")
-        command = [sys.executable, "-c", HARNESS, str(Path(__file__).resolve()), str(cases_path),
-                   str(out_path)]
+        # the harness runs from a copy, and the environment does not name this folder: the
+        # student's code is not pointed at the reference (it runs with your permissions, though:
+        # grade copies you do not trust in a container)
+        grader = Path(scratch) / "grader.py"
+        shutil.copyfile(Path(__file__).resolve(), grader)
+        env = {k: v for k, v in os.environ.items() if k not in ("OLDPWD", "PYTHONPATH")}
+        env["PWD"] = str(directory)
+        command = [sys.executable, "-c", HARNESS, str(grader), str(cases_path), str(out_path)]
         try:
             child = subprocess.run(command, cwd=directory, capture_output=True, text=True,
-                                   timeout=STUDENT_TIMEOUT)
+                                   timeout=STUDENT_TIMEOUT, env=env)
         except subprocess.TimeoutExpired:
             return [("error", f"took over {STUDENT_TIMEOUT} s")] * len(cases)
         if child.returncode != 0 or not out_path.is_file():
