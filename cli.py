@@ -223,6 +223,14 @@ def pick_dtype(device, name="auto"):
     return "float32"
 
 
+def machine(config):
+    """--threads, --device and --dtype as a script that generates or scores runs with them:
+    (device, dtype). The threads are set first, before PyTorch does any work."""
+    use_threads(config["threads"])
+    device = pick_device(config["device"])
+    return device, pick_dtype(device, config["dtype"])
+
+
 def autocast(device, dtype):
     """The context every forward pass runs under: mixed precision on GPUs, nothing on CPU in
     float32."""

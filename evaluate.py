@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, cell, check_ranges, for_inference, parse_flags,
-                 pick_device, pick_dtype, pyplot, refuse_overwriting, run_main, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, cell, check_ranges, for_inference, machine,
+                 parse_flags, pyplot, refuse_overwriting, run_main)
 from comparison import (PAPER, check_finished, file_name, find_run, parse_model, rule_models,
                         train_if_missing)
 from model import EOT, GPT
@@ -288,9 +288,7 @@ def chart(results, path):
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
     check_ranges(config, RANGES)
-    use_threads(config["threads"])
-    device = pick_device(config["device"])
-    dtype = pick_dtype(device, config["dtype"])
+    device, dtype = machine(config)
     out_dir = Path(config["out_dir"])
     limit = config["max_new_tokens"]
     # 1) the instructions, the ranking set and every file this command writes, checked before

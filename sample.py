@@ -31,8 +31,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, check_ranges, for_inference, on_sigterm,
-                 parse_flags, pick_device, pick_dtype, refuse_overwriting, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, Stopped, check_ranges, for_inference, machine,
+                 on_sigterm, parse_flags, refuse_overwriting)
 from model import GPT
 from rules import parse_rules, respond
 
@@ -327,9 +327,7 @@ def main(argv):
     rule_set = parse_rules(config["rules"], eos_hold=config["eos_hold"],
                            response_only=config["response_only"], fixed_tags=config["fixed_tags"],
                            what_bias=config["what_bias"])
-    use_threads(config["threads"])
-    device = pick_device(config["device"])
-    dtype = pick_dtype(device, config["dtype"])
+    device, dtype = machine(config)
     in_terminal = sys.stdin.isatty() and sys.stdout.isatty()
     if not (config["prompt"] or config["instructions"] or in_terminal):
         raise ValueError('nothing to answer: give --prompt="..." or --instructions=FILE '

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, autocast, check_ranges, for_inference, parse_flags,
-                 pick_device, pick_dtype, pyplot, run_main, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, autocast, check_ranges, for_inference,
+                 machine, parse_flags, pyplot, run_main)
 from comparison import file_name
 from model import EOT, GPT, varying_lengths
 
@@ -116,9 +116,7 @@ def plot(x, y, r, task, config, plt):
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
     check_ranges(config, RANGES)
-    use_threads(config["threads"])
-    device = pick_device(config["device"])
-    dtype = pick_dtype(device, config["dtype"])
+    device, dtype = machine(config)
     out_dir = Path(config["out_dir"])
     # 1) every text, embedded by the base model in one pass
     groups = texts_to_embed(config)

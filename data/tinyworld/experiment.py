@@ -27,8 +27,8 @@ import world  # noqa: E402  TinyWorld's task families and their exact checkers
 
 import chat  # noqa: E402
 # noqa: E402
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, check_ranges, for_inference, numbers,  # noqa: E402
-                 parse_flags, pick_device, pick_dtype, pyplot, run_main, use_threads)
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, check_ranges, for_inference, machine,  # noqa: E402
+                 numbers, parse_flags, pyplot, run_main)
 from comparison import PAPER, ROOT, file_name, parse_model, rule_models, run_train  # noqa: E402
 from model import EOT, GPT  # noqa: E402
 from rules import GREEDY, respond  # noqa: E402
@@ -258,9 +258,7 @@ def check_flags(config):
 def main(argv):
     config = parse_flags(DEFAULTS, argv, __doc__)
     check_ranges(config, RANGES)
-    use_threads(config["threads"])
-    device = pick_device(config["device"])
-    dtype = pick_dtype(device, config["dtype"])
+    device, dtype = machine(config)
     seeds, lrs = check_flags(config)
     # 1) the set the models answer, prepared on first use
     path = HERE / f"{config['split']}.jsonl"
