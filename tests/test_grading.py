@@ -233,3 +233,58 @@ def test_the_public_checks_fail_the_plausible_mistakes(monkeypatch):
             results = ((c, want, exercises.run(mods, c)) for c, want in public[str(number)])
             status, detail = exercises.verdict(number, results, mods)
         assert status == "failed", (exercise, mistake, status, detail)
+
+
+# right answers written otherwise than the reference: grade passes them (its comparisons allow the
+# last bits floats differ by when the arithmetic is ordered otherwise)
+def eos_with_where(n, r):
+    n = torch.as_tensor(n, dtype=torch.float64)
+    held = torch.where(n >= 250, torch.tensor(15.0 if r.eos_hold else 0.0, dtype=torch.float64), 0.0)
+    bias = torch.where((n > 0) & (n < 250), n * 15 / 250, held)
+    return bias if bias.dim() else float(bias)
+
+
+def targets_in_a_loop(ids, mask):
+    targets = []
+    for t in range(len(ids)):
+        trained = t + 1 < len(ids) and mask[t + 1] == 1
+        targets.append(ids[t + 1] if trained else -1)
+    return targets
+
+
+def repeats_counted(tokens, n=4):
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return (len(grams) - len(set(grams))) / len(grams)
+
+
+def win_share_after(score, n, negatives, seed):
+    draws = evaluate.ranking_draws(n, negatives, seed)
+    if not draws:
+        return 0.0
+    return sum(score(i, i) > score(i, j) for i, j in draws) / len(draws) * 100
+
+
+def top_p_shifted_cumsum(scores, p):
+    probs = scores.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sorted_probs, -1) - sorted_probs
+    keep_sorted = before < p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+RIGHT = [(1, rules, "eos_bias", eos_with_where), (3, chat, "targets_from_mask", targets_in_a_loop),
+         (7, evaluate, "repeated_ngram_share", repeats_counted),
+         (6, evaluate, "ranking_win_rate", win_share_after),
+         (8, sampling, "top_p_filter", top_p_shifted_cumsum)]
+
+
+@pytest.mark.parametrize("number, module, name, right", RIGHT, ids=[r[2] for r in RIGHT])
+def test_grade_passes_right_answers_written_otherwise(fresh, monkeypatch, number, module, name,
+                                                       right):
+    mods = exercises.modules(ROOT)
+    monkeypatch.setattr(module, name, right)
+    results = ((c, want, exercises.run(mods, c)) for c, want in fresh[number])
+    assert exercises.verdict(number, results, mods) == ("passed", "")
