@@ -841,9 +841,12 @@ def new(directory):
     if ROOT in directory.parents:
         raise ValueError(f"{directory}: inside this repository; choose a folder outside it "
                          f"(e.g. ../student)")
+    if not directory.parent.is_dir():
+        raise ValueError(f"{directory.parent}: no such folder to write the student copy into")
     mods = modules(ROOT)
-    building = directory.with_name(f".{directory.name}.building")
-    shutil.rmtree(building, ignore_errors=True)  # a copy an earlier run did not finish
+    # a new folder of its own beside DIR (never one that was there before), renamed when whole
+    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
+    building.chmod(0o755)  # mkdtemp's 0700 is for secrets; a student copy is handed out
     try:
         for file in student_files():
             target = building / file
