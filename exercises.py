@@ -15,10 +15,10 @@ public checks' inputs with the reference's outputs (data, not formulas). `check`
 copy's own functions: a row per exercise, passed, not started, or failed with the smallest input it
 failed on. `grade` runs the student's functions in a process of their own, in DIR (they import the
 student's modules, never this repository's), on inputs drawn anew from a printed seed over the
-whole range the program meets (large counts, ties, boundaries, batches), and inside the program
-(RuleState, train.py's tokenize and collate, chat.write_sets, the sampler, evaluate.py's proxies),
-against this repository's reference. A row per exercise; the exit status is 0 only if every one
-named passes.
+whole range the program meets (large counts, ties, boundaries, batches, RuleSets of other values
+than the official ones), and inside the program (RuleState, train.py's tokenize and collate,
+chat.write_sets, the sampler, evaluate.py's proxies), against this repository's reference. A row
+per exercise; the exit status is 0 only if every one named passes.
 """
 import ast
 import contextlib
@@ -58,6 +58,7 @@ TEACHER_ONLY = {"tests/test_exercises.py", "tests/test_rules.py", "tests/test_gr
 CASES_FILE = "exercises.json"
 STUDENT_TIMEOUT = 600  # seconds for all of one exercise's cases in the student's process
 # the rules' scores are float32: a bias is right to within a few of its ulps at the ramp's top, 15
+# (8 ulps there; 3 at the largest score other_values' rules reach, 30 + 4 + 8)
 TOLERANCE = 8 * torch.finfo(torch.float32).eps * 16
 # message contents the conversations are made of: empty, spaced, multi-line, non-ASCII
 WORDS = ["", "Hi?", "Tell me a joke.", "Sure: a list\n- one", "  spaced  ", "Bye.", "Ünïcode ✓"]
@@ -95,8 +96,12 @@ def encode(value):
     kind."""
     if torch.is_tensor(value):
         return {"tensor": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
-    if hasattr(value, "__dataclass_fields__"):  # a RuleSet
-        return {"ruleset": {k: getattr(value, k) for k in value.__dataclass_fields__}}
+    if hasattr(value, "__dataclass_fields__"):  # a RuleSet: its uniform_table is a tuple of tuples
+        # only the fields off their defaults (decode's RuleSet fills in the rest): a failure shows
+        # the values that matter, not eleven fields cut off at its length limit
+        fields = value.__dataclass_fields__.items()
+        return {"ruleset": {k: encode(getattr(value, k)) for k, f in fields
+                            if getattr(value, k) != f.default}}
     if isinstance(value, tuple):
         return {"tuple": [encode(v) for v in value]}
     if isinstance(value, list):
@@ -119,7 +124,8 @@ def decode(value, mods):
     if "tensor" in value:
         return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
     if "ruleset" in value:
-        return mods["rules"].RuleSet(**value["ruleset"])
+        fields = {k: decode(v, mods) for k, v in value["ruleset"].items()}
+        return mods["rules"].RuleSet(**fields)
     if "tuple" in value:
         return tuple(decode(v, mods) for v in value["tuple"])
     if "dict" in value:
@@ -353,6 +359,22 @@ def ruleset(mods, **options):
     return mods["rules"].RuleSet(**options)
 
 
+def other_values(rng, rules=("eos", "diversity", "uniform")):
+    """Values of `rules` other than the official 15, 250, 1.5 and table, as a synthetic world sets
+    them: the rules' code must read them from the RuleSet, not write the official ones in. A
+    table's ids are small ones the sequences repeat, and <|endoftext|>."""
+    values = {}
+    if "eos" in rules:
+        values.update(eos_max=round(rng.uniform(-5, 30), 3), eos_length=rng.randint(1, 300),
+                      eos_hold=rng.random() < 0.5)
+    if "diversity" in rules:
+        values["diversity_penalty"] = round(rng.uniform(0, 4), 3)
+    if "uniform" in rules and rng.random() < 0.7:  # else the official table
+        ids = rng.sample(list(range(60)) + [50256], rng.randint(1, 20))
+        values["uniform_table"] = tuple((i, round(rng.uniform(-8, 8), 3)) for i in ids)
+    return values
+
+
 def random_ids(rng, size, alphabet=40):
     """Token ids below `alphabet` (small ids form no stray chat tag)."""
     return [rng.randrange(alphabet) for _ in range(size)]
@@ -391,13 +413,23 @@ def conversation(rng, turns, words):
     return messages
 
 
-def eos_cases(mods, rng, largest):
-    """Every count up to 300, the ramp's ends, large counts; and tensors of counts
+def eos_cases(mods, rng, largest, others):
+    """With the official values: every count up to 300, the ramp's ends, large counts. Then
+    `others` RuleSets of another peak and length (eos_max, eos_length; the first ramps over no
+    token): its first counts, 30 along the ramp, its end, large ones. And tensors of counts
     (RuleState's)."""
-    counts = list(range(301)) + sorted(rng.sample(range(301, largest), 200))
+    large = sorted(rng.sample(range(301, largest), 200))
+    sets = [(ruleset(mods, eos_hold=hold), list(range(301)) + large) for hold in (False, True)]
+    for k in range(others):
+        values = other_values(rng, ["eos"])
+        if k == 0:
+            values["eos_length"] = 1  # the ramp never starts: held, or 0, from n = 1 on
+        end = values["eos_length"]
+        ramp = rng.sample(range(end), min(end, 30))
+        counts = sorted({0, 1, 2, 3, end - 1, end, end + 1, *ramp}) + large[::20]
+        sets.append((ruleset(mods, **values), counts))
     out = []
-    for hold in (False, True):
-        r = ruleset(mods, eos_hold=hold)
+    for r, counts in sets:
         out += [case("eos_bias", n, r) for n in counts]
         for size in (1, 7, 64):
             batch = torch.tensor([rng.choice(counts) for _ in range(size)])
@@ -432,7 +464,8 @@ def conversation_cases(rng, words, count):
 def diversity_cases(mods, rng, count):
     """after_tag, and rule_bias: the diversity rule alone first (`count` inputs, smallest first),
     then with the other rules and options on (`count` more; they call exercise 1's and 2's
-    functions too), the uniform rule's own ids among the tokens."""
+    functions too), the uniform rule's own ids among the tokens, a third of them with other
+    values (a penalty other than 1.5; a uniform table whose ids the sequence holds)."""
     rules = mods["rules"]
     alone = dict(eos=False, uniform=False)
     together = [dict(), dict(response_only=True), dict(fixed_tags=True), dict(eos_hold=True),
@@ -444,7 +477,7 @@ def diversity_cases(mods, rng, count):
         response = with_tags(rng, mods, size, 2)
         options = alone
         if k >= count:
-            options = rng.choice(together)
+            options = rng.choice(together) if k % 3 else other_values(rng)
             response += [rng.choice(rules.UNIFORM)[3] for _ in range(rng.randint(0, 3))]
         ids = prompt + response
         out.append(case("rule_bias", ids, len(prompt), ruleset(mods, **options)))
@@ -550,6 +583,7 @@ def program_cases(number, mods, rng):
     if number in (1, 2, 5):
         options = [{}, dict(eos_hold=True), dict(response_only=True), dict(what_bias=-3.0),
                    dict(diversity=False), dict(fixed_tags=True)]
+        options += [other_values(rng) for _ in range(3)]  # a synthetic world's rules
         return rule_state_cases(mods, rng, 12, options)
     if number == 3:
         conversations = [dialogue(rng, rng.randint(1, 4)) for _ in range(16)]
@@ -569,7 +603,7 @@ def exercise_cases(number, mods, rng, fresh):
     """The inputs of exercise `number`'s check (fresh=False: the public one, smaller and fixed) or
     of its grade (fresh=True: wider ranges, and the program's own calls)."""
     if number == 1:
-        cases = eos_cases(mods, rng, 10 ** 6 if fresh else 2001)
+        cases = eos_cases(mods, rng, 10 ** 6 if fresh else 2001, 10 if fresh else 4)
     elif number == 2:
         cases = [case("UNIFORM")]
         if fresh:

@@ -10,12 +10,15 @@ Next-token log-probabilities are log_softmax(GPT-2 logits) + log_softmax(rule sc
 renormalized, and decoding is greedy, as in the paper's evaluation. The rules score the next token
 from the tokens so far:
 
-  EOS        <|endoftext|> gets +15 * n / 250 after n response tokens (0 < n < 250):
-             responses end sooner.
-  diversity  every distinct token already present after the user tag gets -1.5, once per id:
-             less repetition.
-  uniform    15 fixed tokens always get a fixed bias: fewer "I", "What", "should", more lists
-             and newlines.
+  EOS        <|endoftext|> gets +eos_max * n / eos_length after n response tokens
+             (0 < n < eos_length): responses end sooner.
+  diversity  every distinct token already present after the user tag gets -diversity_penalty,
+             once per id: less repetition.
+  uniform    fixed tokens always get a fixed bias: fewer "I", "What", "should", more lists and
+             newlines.
+
+The values are a RuleSet's fields, officially (combined_model.py's) 15, 250, 1.5 and the 15-row
+UNIFORM table; a RuleSet of other values (a synthetic world's) runs the very same code.
 
 "After the user tag" and "response tokens" count from the LAST user and assistant tags anywhere
 in the sequence, the model's own text included, as the official code re-finds them at every step:
@@ -28,8 +31,10 @@ each tag the sequence ends with, updated with each new token, so a step costs th
 1,000 as at token 1 and each sequence of a batch keeps its own state.
 """
 import functools
+import math
+import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,24 +79,75 @@ RULE_NAMES = ("eos", "diversity", "uniform")
 
 @dataclass(frozen=True)
 class RuleSet:
-    """Which rules are on, and the choices where the official code and the paper's text differ
-    (docs/faithfulness.md). The module is the rule LM, RULE_NAMES the rules' names, a RuleSet one
-    choice of them (NO_RULES: plain GPT-2)."""
+    """Which rules are on, their values, and the choices where the official code and the paper's
+    text differ (docs/faithfulness.md). The module is the rule LM, RULE_NAMES the rules' names, a
+    RuleSet one choice of them (NO_RULES: plain GPT-2). Frozen and hashable: a key of caches."""
     eos: bool = True
     diversity: bool = True
     uniform: bool = True
-    # after 250 tokens keep the EOS bias at +15; the official code drops it back to 0
+    # from eos_length tokens on keep the EOS bias at eos_max; the official code drops it to 0
     eos_hold: bool = False
     # penalize repeats of response tokens only; the code also covers the instruction
     response_only: bool = False
     # find the tags in the prompt only; the code re-finds them in the whole sequence
     fixed_tags: bool = False
     what_bias: float = -5.0  # "What": -5 in Listing 1 and the code, -3 in Table 8
+    # the rules' values; the defaults are the official combined_model.py's
+    eos_max: float = 15.0  # the EOS bias the ramp reaches
+    eos_length: int = 250  # the response length over which it ramps
+    diversity_penalty: float = 1.5  # subtracted once per distinct id
+    # (): the official UNIFORM table, its "What" at what_bias; else (gpt2_id, bias) pairs that
+    # replace it whole (what_bias is the official table's, so it does not apply)
+    uniform_table: tuple = ()
+
+    def __post_init__(self):
+        # refused here, not as NaN scores or an unhashable set deep inside generation
+        length = self.eos_length
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1:
+            raise ValueError(f"RuleSet eos_length={brief(length)}: expected an integer >= 1")
+        if not finite(self.eos_max):
+            raise ValueError(f"RuleSet eos_max={brief(self.eos_max)}: expected a finite number")
+        penalty = self.diversity_penalty
+        if not finite(penalty) or penalty < 0:
+            raise ValueError(f"RuleSet diversity_penalty={brief(penalty)}: expected a finite "
+                             f"number >= 0")
+        check_uniform_table(self.uniform_table)
 
     @property
     def on(self):
         """Whether any rule is on: with none, generation and scoring are the pretrained LM's."""
         return self.eos or self.diversity or self.uniform
+
+
+def brief(value):
+    """A value as one short line of an error message (a repr may span lines)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def finite(value):
+    """Whether value is a finite real number (a bool is not: True would pass for 1)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_uniform_table(table):
+    """RuleSet.uniform_table is a tuple (hashable) of (gpt2_id, bias) tuples, no id twice (the
+    second would silently overwrite the first)."""
+    if not isinstance(table, tuple):
+        raise ValueError(f"RuleSet uniform_table={brief(table)}: expected a tuple of "
+                         f"(gpt2_id, bias) tuples")
+    seen = set()
+    for entry in table:
+        ok = isinstance(entry, tuple) and len(entry) == 2
+        token = entry[0] if ok else None
+        ok = ok and isinstance(token, numbers.Integral) and not isinstance(token, bool)
+        if not (ok and 0 <= token < VOCAB and finite(entry[1])):
+            raise ValueError(f"RuleSet uniform_table entry {brief(entry)}: expected a tuple "
+                             f"(gpt2_id, bias), an int id in [0, {VOCAB}) and a finite bias")
+        if token in seen:
+            raise ValueError(f"RuleSet uniform_table: id {token} twice")
+        seen.add(token)
 
 
 NO_RULES = RuleSet(eos=False, diversity=False, uniform=False)
@@ -111,7 +167,13 @@ def parse_rules(text, **options):
 
 
 def uniform_bias(rule_set):
+    """The uniform rule's scores (vocab_size,): rule_set.uniform_table's, or with () the official
+    UNIFORM table's, its "What" at rule_set.what_bias."""
     bias = torch.zeros(VOCAB)
+    if rule_set.uniform_table:
+        for token, value in rule_set.uniform_table:
+            bias[token] = value
+        return bias
     for _, piece, _, token, value in UNIFORM:
         if token is None:  # a student copy's blank row: bias[None] would set every id
             raise NotImplementedError("exercise 2: see EXERCISES.md")
@@ -122,12 +184,14 @@ def uniform_bias(rule_set):
 # ------------------------------------------------------------------------ the rules, from scratch
 
 def eos_bias(n, rule_set):
-    """EOS rule (section 5): +15 * n / 250 for 0 < n < 250 response tokens, about +0.06 per token;
-    from 250 on 0 (the official code), or 15 with rule_set.eos_hold. n is a count, or a tensor of
-    counts (RuleState passes one per sequence of its batch): the same arithmetic serves both."""
-    ramping = (0 < n) & (n < 250)  # a bool, or a bool tensor
-    held = (n >= 250) & rule_set.eos_hold
-    return ramping * (15 * n / 250) + held * 15.0
+    """EOS rule (section 5): +eos_max * n / eos_length for 0 < n < eos_length response tokens
+    (rule_set's values; officially +15 * n / 250, about +0.06 per token); from eos_length on 0
+    (the official code), or eos_max with rule_set.eos_hold. n is a count, or a tensor of counts
+    (RuleState passes one per sequence of its batch): the same arithmetic serves both."""
+    top, length = rule_set.eos_max, rule_set.eos_length
+    ramping = (0 < n) & (n < length)  # a bool, or a bool tensor
+    held = (n >= length) & rule_set.eos_hold
+    return ramping * (top * n / length) + held * top
 
 
 def after_tag(ids, tag):
@@ -166,7 +230,7 @@ def rule_bias(ids, prompt_len, rule_set):
         bias[EOT] += eos_bias(n, rule_set)
     if rule_set.diversity:
         for token in set(ids[diversity_start:]):  # once per distinct id, however often it occurs
-            bias[token] -= 1.5
+            bias[token] -= rule_set.diversity_penalty
     if rule_set.uniform:
         bias += uniform_bias(rule_set)
     return bias
@@ -238,7 +302,7 @@ class RuleState:
             self.seen[b, prompt[diversity_start:]] = True
         self.bias = self.base.repeat(B, 1)  # (B, V): the rule scores for the next token
         if rule_set.diversity:
-            self.bias -= 1.5 * self.seen
+            self.bias -= rule_set.diversity_penalty * self.seen
         self.eot = self.bias[:, EOT].clone()  # (B,) <|endoftext|>'s score without the EOS ramp
         self.ramp()
         self.steps = 0
@@ -260,10 +324,11 @@ class RuleState:
         # tokens (B,): the token each sequence has just generated
         rows = torch.arange(len(tokens), device=tokens.device)
         if self.rule_set.diversity:
+            penalty = self.rule_set.diversity_penalty
             new = ~self.seen[rows, tokens]  # (B,) the diversity rule counts each distinct id once
-            self.bias[rows, tokens] -= 1.5 * new
+            self.bias[rows, tokens] -= penalty * new
             # <|endoftext|>'s entry is rebuilt by ramp(): keep its share of the penalty
-            self.eot -= 1.5 * (new & (tokens == EOT))
+            self.eot -= penalty * (new & (tokens == EOT))
         self.seen[rows, tokens] = True
         self.n += 1
         if not self.rule_set.fixed_tags:
@@ -328,20 +393,22 @@ def respond(model, prompts, config, rule_set, device, dtype, stream=None):
 def explain(instruction, response, rule_set=RuleSet(), path="rules.png"):
     """Print, for each token of a response, the bias the diversity and uniform rules gave it and
     the EOS rule's bias on <|endoftext|> at that step; plot them to `path`, the EOS ramp drawn on
-    to 260 tokens."""
+    to 10 tokens past its end (260 officially)."""
     import chat
     prompt = chat.encode_prompt(instruction)
     ids = prompt + chat.encode(response)
     rows = []  # (step, token text, diversity bias on it, uniform bias on it, EOS bias)
+    diversity_only = replace(rule_set, eos=False, uniform=False)  # rule_set's values, one rule
+    uniform_only = replace(rule_set, eos=False, diversity=False)
     for t in range(len(prompt), len(ids)):
         step = t - len(prompt)
         diversity = 0.0
         uniform = 0.0
         eos = 0.0
         if rule_set.diversity:
-            diversity = float(rule_bias(ids[:t], len(prompt), DIVERSITY_ONLY)[ids[t]])
+            diversity = float(rule_bias(ids[:t], len(prompt), diversity_only)[ids[t]])
         if rule_set.uniform:
-            uniform = float(rule_bias(ids[:t], len(prompt), UNIFORM_ONLY)[ids[t]])
+            uniform = float(rule_bias(ids[:t], len(prompt), uniform_only)[ids[t]])
         if rule_set.eos:
             eos = eos_bias(step, rule_set)
         rows.append((step, chat.tokenizer().decode([ids[t]]), diversity, uniform, eos))
@@ -356,10 +423,11 @@ def explain(instruction, response, rule_set=RuleSet(), path="rules.png"):
     fig, ax = plt.subplots(figsize=(9, 3.6))
     steps = [r[0] for r in rows]
     if rule_set.eos:
-        ramp = [eos_bias(n, rule_set) for n in range(261)]
-        ax.plot(range(261), ramp, color="tab:red", ls=":", lw=1)
+        end = rule_set.eos_length + 10
+        ramp = [eos_bias(n, rule_set) for n in range(end + 1)]
+        ax.plot(range(end + 1), ramp, color="tab:red", ls=":", lw=1)
         ax.plot(steps, [r[4] for r in rows], color="tab:red",
-                label="EOS rule: bias on <|endoftext|> (dotted: on to 260)")
+                label=f"EOS rule: bias on <|endoftext|> (dotted: on to {end})")
     ax.step(steps, [r[2] for r in rows], where="mid", color="tab:blue",
             label="diversity rule: bias on the token written")
     ax.step(steps, [r[3] for r in rows], where="mid", color="tab:green",

@@ -13,6 +13,7 @@ checks (python exercises.py check) compare with the reference's outputs stored a
 holds those checks and the grader to the same wrong answers.
 """
 import copy
+import dataclasses
 import itertools
 import json
 import random
@@ -40,33 +41,46 @@ def call(fn, *args, what, **kwargs):
 
 # 1. the EOS rule ------------------------------------------------------------------------------------------
 # the rules' scores are float32 (RuleState): a bias is right to within a few of its ulps at the ramp's top, 15
+# (8 there; 4 at the top of the other values' ramps, 30 at most)
 EOS_TOLERANCE = 8 * torch.finfo(torch.float32).eps * 15
+
+
+def eos_rule_sets():
+    """The official RuleSets (eos_hold off and on), then others of another peak and length, as a synthetic world
+    sets them: a right answer reads rule_set.eos_max and rule_set.eos_length, never 15 and 250."""
+    rng = random.Random(1)
+    others = [rules.RuleSet(eos_hold=bool(k % 2), eos_max=round(rng.uniform(-5, 30), 3), eos_length=length)
+              for k, length in enumerate((1, 2, 37, 300))]
+    return [rules.RuleSet(eos_hold=hold) for hold in (False, True)] + others
 
 
 def check_eos_rule(eos_bias=None):
     eos_bias = eos_bias or rules.eos_bias
-    for hold in (False, True):
-        r = rules.RuleSet(eos_hold=hold)
-        late = 15.0 if hold else 0.0  # from n = 250 on
+    for r in eos_rule_sets():
+        top, length, hold = r.eos_max, r.eos_length, r.eos_hold
+        shown = f"RuleSet(eos_hold={hold}, eos_max={top:g}, eos_length={length})"
+        late = top if hold else 0.0  # from n = eos_length on
         for n in range(2001):  # every count, smallest first
-            # the property on its own terms: 0 at n = 0, a line of slope 15/250 while n < 250, then flat at `late`
-            want = 0.0 if n == 0 else n * (15 / 250) if n < 250 else late
-            got = call(eos_bias, n, r, what=f"eos_bias({n}, RuleSet(eos_hold={hold}))")
+            # the property on its own terms: 0 at n = 0, a line of slope top/length while n < length, then flat
+            want = 0.0 if n == 0 else n * (top / length) if n < length else late
+            got = call(eos_bias, n, r, what=f"eos_bias({n}, {shown})")
             assert abs(float(got) - want) <= EOS_TOLERANCE, (
-                f"eos_bias({n}, RuleSet(eos_hold={hold})) is {got!r}, expected {want:g} ({n} is the smallest count "
-                f"where it is wrong). The bias is 0 at n = 0, 15·n/250 while 0 < n < 250, and {late:g} from n = 250 "
-                f"on{' (eos_hold keeps it at 15)' if hold else ' (the official code drops it back to 0)'}.")
+                f"eos_bias({n}, {shown}) is {got!r}, expected {want:g} ({n} is the smallest count where it is "
+                f"wrong). The bias is 0 at n = 0, eos_max·n/eos_length (here {top:g}·n/{length}) while 0 < n < "
+                f"{length}, and {late:g} from n = {length} on"
+                f"{' (eos_hold keeps it at eos_max)' if hold else ' (the official code drops it back to 0)'}; the "
+                f"official values are 15 and 250, read them from rule_set.")
         counts = torch.arange(2001)
-        got = call(eos_bias, counts, r, what=f"eos_bias(torch.arange(2001), RuleSet(eos_hold={hold})) (a tensor of counts)")
+        got = call(eos_bias, counts, r, what=f"eos_bias(torch.arange(2001), {shown}) (a tensor of counts)")
         assert torch.is_tensor(got) and got.shape == counts.shape, (
-            f"eos_bias(torch.arange(2001), RuleSet(eos_hold={hold})) returned {type(got).__name__} "
+            f"eos_bias(torch.arange(2001), {shown}) returned {type(got).__name__} "
             f"{tuple(got.shape) if torch.is_tensor(got) else ''}, expected a tensor of 2001 biases, one per count: "
             f"RuleState (what `sample.py --rules` runs) calls eos_bias with one count per sequence of its batch. "
             f"Write it with comparisons and arithmetic that work on ints and tensors alike (no `if` on n).")
         want = torch.tensor([float(eos_bias(n, r)) for n in range(2001)])
         bad = (got.double() - want.double()).abs() > EOS_TOLERANCE
         assert not bad.any(), (
-            f"eos_bias(torch.arange(2001), RuleSet(eos_hold={hold}))[{int(bad.nonzero()[0])}] is "
+            f"eos_bias(torch.arange(2001), {shown})[{int(bad.nonzero()[0])}] is "
             f"{float(got[bad][0])}, but eos_bias({int(bad.nonzero()[0])}) is {float(want[bad][0])}: on a tensor of "
             f"counts it must give, count by count, what it gives for each int.")
 
@@ -195,8 +209,9 @@ def prompts_smallest_first():
 
 def check_diversity_rule(rule_bias=None):
     rule_bias = rule_bias or rules.rule_bias
-    only = rules.RuleSet(eos=False, uniform=False)
-    for prompt, response in prompts_smallest_first():
+    # the official penalty, and others a synthetic world may set (exact in float32: the check compares exactly)
+    official, *others = [rules.RuleSet(eos=False, uniform=False, diversity_penalty=p) for p in (1.5, 0.375, 2.75)]
+    for k, (prompt, response) in enumerate(prompts_smallest_first()):
         ids = prompt + response
         start = last_tag_end(ids)
         got = call(rules.after_tag, list(ids), rules.USER_TAG, what=f"after_tag({ids}, USER_TAG)")
@@ -208,13 +223,16 @@ def check_diversity_rule(rule_bias=None):
         assert got == len(ids) + len(rules.ASSISTANT_TAG), (
             f"after_tag({tagged}, ASSISTANT_TAG) is {got}, expected {len(ids) + len(rules.ASSISTANT_TAG)}: the "
             f"function finds whichever tag it is given (the EOS rule counts from the last ASSISTANT_TAG).")
-        bias = call(rule_bias, list(ids), len(prompt), only, what=f"rule_bias({ids}, {len(prompt)}, diversity only)")
-        got = {t: bias[t].item() for t in sorted(bias.nonzero().flatten().tolist())}
-        want = {t: -1.5 for t in sorted(set(ids[start or 0:]))}
-        assert got == want, (
-            f"rule_bias(ids={ids}, prompt_len={len(prompt)}, RuleSet(eos=False, uniform=False)) penalized {got}, "
-            f"expected {want}: -1.5 on each distinct id after the last user tag of the whole sequence (index "
-            f"{start}; the response's own tags count too), once per id however often it occurs, and nothing else.")
+        for r in (official, others[k % len(others)]):
+            shown = f"RuleSet(eos=False, uniform=False, diversity_penalty={r.diversity_penalty})"
+            bias = call(rule_bias, list(ids), len(prompt), r, what=f"rule_bias({ids}, {len(prompt)}, {shown})")
+            got = {t: bias[t].item() for t in sorted(bias.nonzero().flatten().tolist())}
+            want = {t: -r.diversity_penalty for t in sorted(set(ids[start or 0:]))}
+            assert got == want, (
+                f"rule_bias(ids={ids}, prompt_len={len(prompt)}, {shown}) penalized {got}, expected {want}: "
+                f"-rule_set.diversity_penalty (officially 1.5) on each distinct id after the last user tag of the "
+                f"whole sequence (index {start}; the response's own tags count too), once per id however often it "
+                f"occurs, and nothing else.")
 
 
 def test_diversity_rule_penalizes_each_id_after_the_last_user_tag_once():
@@ -378,6 +396,7 @@ def eos_old_points(n, r):  # hard-coded: the points an old one-input check looke
     return {0: 0.0, 1: 0.06, 2: 0.12, 125: 7.5, 249: 14.94, 250: 0.0, 251: 0.0, 1000: 0.0}.get(n, 0.0)
 
 
+REFERENCE_RULE_BIAS = rules.rule_bias  # before a test replaces it
 OLD_CHAT = chat.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
 
 
@@ -434,6 +453,10 @@ WRONG = [  # (exercise, the module and name of its function, {mistake: wrong ans
         "one token early (15·(n+1)/250)": lambda n, r: ((n < 250) * (15 * (n + 1) / 250)) + ((n >= 250) & r.eos_hold) * 15.0,
         "ignores eos_hold": lambda n, r: ((0 < n) & (n < 250)) * (15 * n / 250),
         "right on ints, fails on a batch of counts": lambda n, r: 15 * n / 250 if 0 < n < 250 else 15.0 * (r.eos_hold and n >= 250),
+        "hard-codes the official 15 and 250": lambda n, r: (
+            ((0 < n) & (n < 250)) * (15 * n / 250) + ((n >= 250) & r.eos_hold) * 15.0),
+        "reads eos_length, hard-codes the peak 15": lambda n, r: (
+            ((0 < n) & (n < r.eos_length)) * (15 * n / r.eos_length) + ((n >= r.eos_length) & r.eos_hold) * 15.0),
         "hard-coded": eos_old_points}),
     ("uniform_tokens", rules, "UNIFORM", {
         "We without its space": [(i, p, s, {1334: 1135}.get(i, t), b) for i, p, s, t, b in rules.UNIFORM],
@@ -457,6 +480,8 @@ WRONG = [  # (exercise, the module and name of its function, {mistake: wrong ans
         "the tag itself penalized": diversity_bias(lambda ids, p: max(0, (last_tag_end(ids) or 0) - len(rules.USER_TAG))),
         "the prompt's tag only": diversity_bias(lambda ids, p: last_tag_end(ids[:p]) or 0),
         "the response only": diversity_bias(lambda ids, p: p),
+        "hard-codes the official penalty 1.5": lambda ids, p, r: REFERENCE_RULE_BIAS(
+            ids, p, dataclasses.replace(r, diversity_penalty=1.5)),
         "hard-coded": lambda ids, p, r: torch.zeros(rules.VOCAB).index_fill(0, torch.tensor([7, 8, 9]), -1.5)}),
     ("diversity_rule", rules, "after_tag", {"the first tag": first_tag,
                                             "the prompt's user tag, whatever the tag": lambda ids, tag: last_tag_end(ids)}),
@@ -545,6 +570,18 @@ def test_rule_state_uses_the_exercise_uniform_bias_and_user_tag(monkeypatch):
     assert reference[0, 42] == 0 and rules.RuleState([prompt], rules.RuleSet()).scores()[0, 42] == 3.0
     monkeypatch.setattr(rules, "after_tag", lambda ids, tag: None)  # a student's search that finds no tag
     assert rules.RuleState([prompt], rules.RuleSet()).scores()[0, 5] == -1.5
+
+
+def test_a_rule_set_of_other_values_survives_the_cases_json():
+    """exercises.json and the grader's process carry RuleSets as JSON: every field comes back, the uniform table as
+    a tuple of tuples (a RuleSet is hashable), so the student's functions meet the very values drawn."""
+    import exercises
+    mods = exercises.modules(ROOT)
+    r = rules.RuleSet(eos_hold=True, eos_max=-2.5, eos_length=7, diversity_penalty=0.0,
+                      uniform_table=((3, 1.5), (rules.EOT, -2.0)))
+    back = exercises.decode(json.loads(json.dumps(exercises.encode(r))), mods)
+    assert back == r and hash(back) == hash(r) and type(back.uniform_table[0]) is tuple
+    assert exercises.decode(json.loads(json.dumps(exercises.encode(rules.RuleSet()))), mods) == rules.RuleSet()
 
 
 # the Watch commands of EXERCISES.md show the numbers it quotes --------------------------------------------------

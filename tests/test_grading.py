@@ -60,8 +60,8 @@ def test_the_student_copy_holds_no_answer(copy):
         assert not (copy / file).exists(), file
     # the reference's formulas, as written here, appear nowhere: not in a file, not in the history
     # (exercise 6's draw, `rng.randint(0, n - 1)` per draw, is its specification: EXERCISES.md says it)
-    formulas = ["ramping * (15 * n / 250)", "zip(ids[1:], mask[1:])", '{**m, "content": ""} if m',
-                "bias[token] -= 1.5", "wins += score(i, i) > score(i, j)",
+    formulas = ["ramping * (top * n / length)", "zip(ids[1:], mask[1:])", '{**m, "content": ""} if m',
+                "bias[token] -= rule_set.diversity_penalty", "wins += score(i, i) > score(i, j)",
                 "len(set(grams)) / len(grams)", "probs.cumsum(dim=-1) - probs >= p",
                 "range(len(ids) - len(tag), -1, -1)"]
     history = subprocess.run(["git", "log", "-p", "--all"], cwd=copy, capture_output=True,
@@ -239,8 +239,9 @@ def test_the_public_checks_fail_the_plausible_mistakes(monkeypatch):
 # last bits floats differ by when the arithmetic is ordered otherwise)
 def eos_with_where(n, r):
     n = torch.as_tensor(n, dtype=torch.float64)
-    held = torch.where(n >= 250, torch.tensor(15.0 if r.eos_hold else 0.0, dtype=torch.float64), 0.0)
-    bias = torch.where((n > 0) & (n < 250), n * 15 / 250, held)
+    late = torch.tensor(r.eos_max if r.eos_hold else 0.0, dtype=torch.float64)
+    held = torch.where(n >= r.eos_length, late, 0.0)
+    bias = torch.where((n > 0) & (n < r.eos_length), n * r.eos_max / r.eos_length, held)
     return bias if bias.dim() else float(bias)
 
 

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 import chat
 from model import GPT
 from rules import (ASSISTANT_TAG, DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, UNIFORM, USER_TAG, VOCAB,
-                   RuleState, RuleSet, after_tag, eos_bias, parse_rules, product_of_experts, rule_bias)
+                   RuleState, RuleSet, after_tag, eos_bias, parse_rules, product_of_experts, rule_bias,
+                   uniform_bias)
 
 
 
@@ -188,6 +189,89 @@ def test_batched_state_keeps_one_state_per_sequence():
         for b, p in enumerate(prompts):
             reference = rule_bias(p + steps[b, :t].tolist(), len(p), RuleSet())
             assert_close(batch[b], reference)
+
+
+# a RuleSet of other values (a synthetic world's) runs the very same code ----------------------------------------
+def test_the_defaults_are_the_official_values():
+    r = RuleSet()
+    assert (r.eos_max, r.eos_length, r.diversity_penalty, r.uniform_table) == (15.0, 250, 1.5, ())
+    # the official table spelled out as pairs gives the default's scores ("What" at its -5)
+    official = tuple((token, bias) for *_, token, bias in UNIFORM)
+    assert torch.equal(uniform_bias(RuleSet(uniform_table=official)), uniform_bias(r))
+    assert len({r, RuleSet(uniform_table=official), RuleSet(uniform_table=official)}) == 2  # hashable
+    # another table replaces the official one whole: what_bias is the official table's "What"
+    other = RuleSet(eos=False, diversity=False, uniform_table=((2061, 0.5), (7, -2.0)), what_bias=-3.0)
+    bias = rule_bias([1, 2], 2, other)
+    assert {t: bias[t].item() for t in bias.nonzero().flatten().tolist()} == {2061: 0.5, 7: -2.0}
+    assert rule_bias([1, 2, 7, 7], 2, RuleSet(eos=False, uniform=False, diversity_penalty=0.25))[7] == -0.25
+
+
+@settings(max_examples=60, deadline=None)
+@given(top=st.floats(-5, 30, allow_subnormal=False), length=st.integers(1, 300), hold=st.booleans())
+def test_eos_bias_with_other_values_is_the_formula(top, length, hold):
+    r = RuleSet(eos_max=top, eos_length=length, eos_hold=hold)
+    counts = list(range(length + 3)) + [length + 100, 10 ** 6]
+    want = [0.0 if n == 0 else top * n / length if n < length else top * hold for n in counts]
+    assert [eos_bias(n, r) for n in counts] == want  # the same float arithmetic, to the last bit
+    got = eos_bias(torch.tensor(counts), r)  # RuleState's: float32, one count per sequence
+    assert got.dtype == torch.float32 and got.shape == (len(counts),)
+    # the formula in float32, to its resolution at top (one that float32 holds only as a subnormal keeps a few bits)
+    assert_close(got, torch.tensor(want, dtype=torch.float32), scale=max(abs(top), 1e-30))
+
+
+# ids a table biases: the sequences' own small ids, <|endoftext|>, the tags' ids, anything
+table_token = st.one_of(st.integers(0, 60), st.sampled_from([EOT, *USER_TAG, *ASSISTANT_TAG]), token)
+table = st.lists(st.tuples(table_token, st.floats(-8, 8, allow_subnormal=False)), min_size=1,
+                 max_size=20, unique_by=lambda entry: entry[0]).map(tuple)
+other_values = st.fixed_dictionaries({
+    "eos_length": st.one_of(st.integers(1, 12), st.integers(1, 300)),  # small ones: ramps that end
+    "eos_max": st.floats(-5, 30, allow_subnormal=False),
+    "diversity_penalty": st.floats(0, 4, allow_subnormal=False),
+    "uniform_table": st.one_of(st.just(()), table)})
+# a prompt (maybe with a user tag, maybe ending inside the assistant tag) and the model's text, which may hold
+# <|endoftext|> (its diversity penalty is kept apart from the EOS ramp)
+row = st.tuples(st.lists(token, max_size=5), st.booleans(), st.lists(token, max_size=12), st.integers(0, 3),
+                st.lists(st.one_of(piece, st.just([EOT])), min_size=1, max_size=30))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.lists(row, min_size=1, max_size=3), values=other_values,
+       options=st.fixed_dictionaries({"eos": st.booleans(), "diversity": st.booleans(), "uniform": st.booleans(),
+                                      "eos_hold": st.booleans(), "response_only": st.booleans(),
+                                      "fixed_tags": st.booleans(), "what_bias": st.sampled_from([-5.0, -3.0])}))
+def test_other_values_incremental_batched_state_equals_the_reference(rows, values, options):
+    rules = RuleSet(**options, **values)
+    prompts, responses = [], []
+    for before, with_tag, instruction, cut, pieces in rows:  # the prompt may end inside a tag
+        prompts.append(before + (USER_TAG if with_tag else []) + instruction + ASSISTANT_TAG[:5 - cut])
+        responses.append(ASSISTANT_TAG[5 - cut:] + [t for p in pieces for t in p])
+    longest = max(map(len, responses))
+    steps = torch.tensor([r + [7] * (longest - len(r)) for r in responses])  # (B, T)
+    # the scores are sums of these terms: an ulp of the largest is the arithmetic's resolution
+    terms = [abs(rules.eos_max), rules.diversity_penalty, 5.0] + [abs(b) for _, b in rules.uniform_table]
+    state = RuleState(prompts, rules)
+    for t in range(longest + 1):
+        batch = state(torch.zeros(len(prompts), VOCAB), steps[:, :t])
+        for b, prompt in enumerate(prompts):
+            reference = rule_bias(prompt + steps[b, :t].tolist(), len(prompt), rules)
+            assert_close(batch[b], reference, scale=sum(terms))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("eos_length", 0), ("eos_length", -3), ("eos_length", 2.5), ("eos_length", 250.0),
+    ("eos_length", True), ("eos_length", "250"), ("eos_max", float("nan")), ("eos_max", float("inf")),
+    ("eos_max", "15"), ("eos_max", None), ("eos_max", True), ("diversity_penalty", -0.5),
+    ("diversity_penalty", float("-inf")), ("diversity_penalty", float("nan")),
+    ("uniform_table", [(1, 1.0)]), ("uniform_table", (1, 1.0)), ("uniform_table", ((1,),)),
+    ("uniform_table", ((1, 1.0, 2.0),)), ("uniform_table", ([1, 1.0],)), ("uniform_table", ((VOCAB, 1.0),)),
+    ("uniform_table", ((-1, 1.0),)), ("uniform_table", ((1.0, 1.0),)), ("uniform_table", ((True, 1.0),)),
+    ("uniform_table", ((1, float("nan")),)), ("uniform_table", ((1, "x"),)),
+    ("uniform_table", ((1, 1.0), (2, 0.5), (1, 2.0))),
+    ("uniform_table", tuple((k, 1.0) for k in range(100)) + (("many",),))])
+def test_bad_values_are_refused_in_one_line_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^RuleSet {field}") as e:
+        RuleSet(**{field: value})
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200, str(e.value)
 
 
 @pytest.fixture(scope="module")
