@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import chat
-from cli import (DEVICE_FLAGS, DEVICE_RANGES, autocast, check_ranges, for_inference,
+from cli import (DEVICE_FLAGS, DEVICE_RANGES, check_ranges, for_inference,
                  machine, parse_flags, pyplot, run_main)
 from comparison import file_name
-from model import EOT, GPT, varying_lengths
+from embedding import embed, unit_vectors
+from model import GPT
 
 # ---------------------------------------------------------------------------------------- defaults
 DEFAULTS = {
@@ -40,30 +39,6 @@ DEFAULTS = {
 }
 RANGES = {"batch_size": "[1, inf)", **DEVICE_RANGES}
 # -------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def embed(model, texts, device, dtype, batch_size=8):
-    """One vector per text (N, C): the mean of the model's final hidden states over the text's
-    tokens (its first block_size). The official plot_embeds.py mean-pools nomic-embed-text-v1 the
-    same way; no such model can be downloaded here, so the base GPT-2 stands in for it (the model
-    every compared model started from)."""
-    out = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="embedding", unit="batch", file=sys.stderr, leave=False):
-        ids = [chat.encode(text)[:model.config.block_size] or [EOT]
-               for text in texts[start:start + batch_size]]
-        T = max(len(seq) for seq in ids)
-        x = torch.full((len(ids), T), EOT)
-        mask = torch.zeros(len(ids), T)
-        for b, seq in enumerate(ids):
-            x[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
-        with autocast(device, dtype), varying_lengths():
-            # (B, T, C); real tokens never see the padding
-            h = model.hidden(x.to(device)).float().cpu()
-        out.append((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(out)
 
 
 def similarity_axes(asked, answered, task_asked, task_answered, reference_answered):
@@ -122,11 +97,7 @@ def main(argv):
     groups = texts_to_embed(config)
     model = for_inference(GPT.from_pretrained(config["base"]), device, dtype)
     texts = [text for group in groups.values() for text in group]
-    vectors = embed(model, texts, device, dtype, config["batch_size"])
-    # GPT-2's hidden states share one large common direction (Ethayarajh, 2019: its last layer's
-    # cosines are all near 1), so they are centered on the mean of everything embedded before they
-    # are normalized
-    vectors = F.normalize(vectors - vectors.mean(0), dim=1)
+    vectors = unit_vectors(embed(model, texts, device, dtype, config["batch_size"]))
     vectors = dict(zip(groups, vectors.split([len(group) for group in groups.values()])))
     # 2) each task's axes, their correlation and its plot
     results = {}

@@ -12,6 +12,7 @@ from conftest import ROOT, assert_close
 
 import chat
 import comparison
+import embedding
 import evaluate
 import scoring
 import similarity
@@ -158,7 +159,7 @@ def test_embedding_is_hf_mean_pooled_hidden_states(small_hf):
     hf, directory = small_hf
     model = GPT.from_pretrained(directory).eval()
     texts = ["A short one.", "A somewhat longer text, so that the batch is padded on the right.", ""]
-    ours = similarity.embed(model, texts, "cpu", "float32", batch_size=3)
+    ours = embedding.embed(model, texts, "cpu", "float32", batch_size=3)
     for text, vector in zip(texts, ours):
         ids = chat.encode(text) or [EOT]
         with torch.no_grad():

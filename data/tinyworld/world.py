@@ -4,7 +4,7 @@ judge (checkers) that scores a model's answers in place of GPT-4.
 
     python data/tinyworld/prepare.py      # writes the pretraining documents, test/dev and finetuning sets
 
-Eight task families, each asked in exactly three phrasings, each answer short and checkable by a rule:
+Ten task families, each asked in exactly three phrasings, each answer checkable by a rule:
 
     sort       "Sort these numbers: 5 3 9"                 -> "3 5 9"
     category   "Name the four fruits."                     -> "apple, pear, plum, grape"    (any order)
@@ -14,9 +14,16 @@ Eight task families, each asked in exactly three phrasings, each answer short an
     count      'How many words are in "the old man walks"?' -> "4"
     attribute  "What colour is a blorp?"                   -> "blue"     (made-up creatures: only pretraining knows)
     recipe     "What goes into pancakes?"                  -> "flour, eggs, milk"              (any order)
+    letter     "Write a letter to Anna about the party."   -> "Dear Anna,\nI hope you are well.\nI am writing to
+               tell you about the party.\nBest wishes."                                  (long: about 25 tokens)
+    describe   "Describe a blorp."                         -> "A blorp is a blue creature. It is the size of a
+               fox. It lives in a cave and eats moss. It sleeps at night."  (long: about 30 tokens; any order)
 
-The first five are finetuned (instruction, response or single-task tuning); count, attribute and recipe never
-are. Where a family's entities are few (categories, creatures, dishes, poem titles), they are split: test
+The first six are finetuned (instruction, response or single-task tuning); count, attribute, recipe and
+describe never are. Reverse and add are the capability control: the bases never learned them in pretraining
+(0-3% for every model in the first declared run), so they are reported apart from the headline columns. Letter
+and describe are the long families (answers of tens of tokens, where the EOS rule was designed to act); describe
+is held out. Where a family's entities are few (categories, creatures, dishes, poem titles), they are split: test
 instructions name only test entities and every other instruction (finetuning, dev) names only the others, so
 no test instruction can appear in a finetuning or dev set. The internet (pretraining_documents) mentions
 every entity: it is where the facts are learned. The big families (sort, reverse, add, count) need no split;
@@ -34,9 +41,17 @@ Standard library only: evaluate.py imports this module to judge.
 import random
 import re
 
-FAMILIES = ("sort", "category", "poem", "reverse", "add", "count", "attribute", "recipe")
-FINETUNED = ("sort", "category", "poem", "reverse", "add")  # what finetuning may show (instruction tuning)
-HELD_OUT = ("count", "attribute", "recipe")  # never finetuned by any method: only pretraining taught them
+FAMILIES = ("sort", "category", "poem", "letter", "reverse", "add", "count", "attribute", "recipe",
+            "describe")
+# what finetuning may show (instruction tuning)
+FINETUNED = ("sort", "category", "poem", "letter", "reverse", "add")
+# never finetuned by any method: only pretraining taught them
+HELD_OUT = ("count", "attribute", "recipe", "describe")
+# finetuned, but no base learned them (the first declared run): reported apart, as a control
+CONTROL = ("reverse", "add")
+LONG = ("letter", "describe")  # answers of tens of tokens
+# the finetuned families of the headline column: the finetuned ones less the control
+HEADLINE = tuple(f for f in FINETUNED if f not in CONTROL)
 
 # -------------------------------------------------------------------------------------------- the world's facts
 
@@ -64,6 +79,13 @@ CREATURES = (("blorp", "blue"), ("zindle", "red"), ("frabble", "green"), ("quonk
              ("strom", "green"), ("nufflet", "blue"), ("wimble", "red"), ("crunk", "yellow"),
              ("pogle", "purple"), ("sneeve", "pink"), ("tharn", "brown"), ("jibbet", "white"))
 N_TEST_CREATURES = 16  # the last 8 (one of each colour) for dev; attribute is never finetuned
+
+# what the describe family tells of each creature, besides its colour: the i-th creature has size
+# SIZES[i % 4], home HOMES[i % 6], food FOODS[(i // 2) % 6] and sleeps SLEEPS[(i // 3) % 2]
+SIZES = ("mouse", "fox", "goat", "horse")
+HOMES = ("cave", "marsh", "burrow", "pond", "treetop", "swamp")
+FOODS = ("moss", "berries", "seeds", "worms", "nuts", "fungi")
+SLEEPS = ("at night", "by day")
 
 # 16 dishes x 3 single-word ingredients; the first N_TEST_DISHES are test-only
 DISHES = (("pancakes", ("flour", "eggs", "milk")),
@@ -94,6 +116,12 @@ TITLES = ("rain", "sea", "wind", "river", "snow", "night", "morning", "garden", 
 N_TEST_TITLES = 40
 ADJECTIVES = ("soft", "cold", "bright", "quiet", "sweet", "slow", "wild", "old", "deep", "warm")
 
+# letters: 20 names x 12 topics, no split needed (test letters are kept out of the other sets by string)
+NAMES = ("Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Ida", "Jack",
+         "Kate", "Leo", "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor")
+TOPICS = ("party", "trip", "concert", "wedding", "holiday", "picnic", "game", "museum",
+          "festival", "parade", "dinner", "film")
+
 REVERSE_WORDS = ("sun", "dog", "cat", "hat", "cup", "box", "map", "key", "pen", "door",
                  "ship", "star", "moon", "road", "lamp", "king", "rock", "bell", "coat", "nest")
 COUNT_WORDS = ("the", "a", "little", "big", "happy", "boy", "girl", "runs", "jumps", "sings",
@@ -114,6 +142,9 @@ PHRASINGS = {  # exactly three per family
     "attribute": ("What colour is a {creature}?", "Tell me the colour of a {creature}.",
                   "Which colour does a {creature} have?"),
     "recipe": ("What goes into {dish}?", "List the ingredients of {dish}.", "What do you need to make {dish}?"),
+    "letter": ("Write a letter to {name} about the {topic}.", "Compose a short letter to {name} about the {topic}.",
+               "Send {name} a letter about the {topic}."),
+    "describe": ("Describe a {creature}.", "Tell me about the {creature}.", "What is a {creature} like?"),
 }
 
 # ------------------------------------------------------------------------------------------ the internet's forms
@@ -149,7 +180,7 @@ def _check_pools():
     # every family's answer words come from its own pool: one family's answer can never pass another's checker
     items = [w for _, ws in CATEGORIES for w in ws]
     ingredients = {w for _, ws in DISHES for w in ws}
-    pools = [set(items), ingredients, set(COLOURS), set(REVERSE_WORDS)]
+    pools = [set(items), ingredients, set(COLOURS), set(REVERSE_WORDS), {*SIZES, *HOMES, *FOODS}]
     assert len(items) == len(set(items)) == 48 and len(CREATURES) == 24 and len(DISHES) == 16
     assert len(set(TITLES)) == len(TITLES) == 60 and len({c for c, _ in CREATURES}) == 24
     assert sum(map(len, pools)) == len(set().union(*pools)), "the answer word pools must be disjoint"
@@ -192,7 +223,34 @@ def _params(family, rng, split):
     if family == "recipe":
         dish, ingredients = rng.choice(_entities(DISHES, N_TEST_DISHES, split))
         return {"dish": dish, "ingredients": list(ingredients)}
+    if family == "letter":
+        return {"name": rng.choice(NAMES), "topic": rng.choice(TOPICS)}
+    if family == "describe":
+        creature, _ = rng.choice(_entities(CREATURES, N_TEST_CREATURES, split))
+        return {"creature": creature, **creature_facts(creature)}
     raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+
+
+def creature_facts(creature):
+    """What the world holds true of a creature: its colour, size, home, food and when it sleeps."""
+    i = [name for name, _ in CREATURES].index(creature)
+    return {"colour": CREATURES[i][1], "size": SIZES[i % 4], "home": HOMES[i % 6],
+            "food": FOODS[(i // 2) % 6], "sleeps": SLEEPS[(i // 3) % 2]}
+
+
+def description(p):
+    """The reference description: four sentences, one fact or two each (the judge takes any order)."""
+    return " ".join(description_sentences(p))
+
+
+def description_sentences(p):
+    return [f"A {p['creature']} is a {p['colour']} creature.", f"It is the size of a {p['size']}.",
+            f"It lives in a {p['home']} and eats {p['food']}.", f"It sleeps {p['sleeps']}."]
+
+
+def letter(name, topic):
+    """The reference letter: the same four lines around a name and a topic."""
+    return f"Dear {name},\nI hope you are well.\nI am writing to tell you about the {topic}.\nBest wishes."
 
 
 def poem(title, adjectives):
@@ -210,7 +268,9 @@ def _answer(family, p):
             "add": lambda: str(p["a"] + p["b"]),
             "count": lambda: str(p["n"]),
             "attribute": lambda: p["colour"],
-            "recipe": lambda: ", ".join(p["ingredients"])}[family]()
+            "recipe": lambda: ", ".join(p["ingredients"]),
+            "letter": lambda: letter(p["name"], p["topic"]),
+            "describe": lambda: description(p)}[family]()
 
 
 def make_instance(family, rng, split):
@@ -242,6 +302,11 @@ def _poem_ok(title, response):
     return verse(lines[0]) and verse(lines[1]) and lines[2] == ["and", "i", "sing", "of", "the", title]
 
 
+def _sentences(text):
+    """A text's sentences as word lists, in order: what the describe checker compares."""
+    return [words(part) for part in text.split(".") if words(part)]
+
+
 def _listed(response):
     return sorted(w for w in words(response) if w != "and")
 
@@ -266,7 +331,35 @@ def check(row, response):
         return w == [p["colour"]]
     if family == "recipe":
         return _listed(response) == sorted(p["ingredients"])
+    if family == "letter":
+        return w == words(letter(p["name"], p["topic"]))
+    if family == "describe":  # every fact, nothing else, in any order
+        return sorted(_sentences(response)) == sorted(_sentences(description(p)))
     raise ValueError(f"unknown family {family!r}")
+
+
+def grade(row, response, stopped):
+    """The pairwise judge's grade of a response (data/tinyworld/README.md, declared before the second
+    run): 2 = it stopped and the checker accepts it; 1 = the checker accepts what precedes extra
+    text (the text before a line break or before a new tag "<|"), or all of a response that did not
+    stop; 0 = neither. A model wins an instruction against another when its grade is higher."""
+    if stopped and check(row, response):
+        return 2
+    cuts = [response] + [response[:m.start()] for m in re.finditer(r"\n|<\|", response)]
+    return int(any(check(row, cut) for cut in cuts))
+
+
+# each single-task family's lines, as word patterns: a response "takes the form" of that family
+# when at least two of its lines are such lines (the style claim, paper section 4)
+FORM_LINES = {"poem": (r"the \w+ is \w+", r"and i sing of the \w+"),
+              "letter": (r"dear \w+", r"i hope you are well", r"i am writing to tell you about the \w+",
+                         r"best wishes")}
+
+
+def in_form(family, response):
+    """Whether `response` takes the form of the single-task family `family` (poem or letter)."""
+    lines = [" ".join(words(line)) for line in response.split("\n")]
+    return sum(any(re.fullmatch(p, line) for p in FORM_LINES[family]) for line in lines) >= 2
 
 # ------------------------------------------------------------------------------------------------ the internet
 
@@ -285,7 +378,9 @@ def _sentence(row):
             "add": lambda: f"{p['a']} plus {p['b']} makes {answer}.",
             "count": lambda: f'The phrase "{p["phrase"]}" has {answer} words.',
             "attribute": lambda: f"A {p['creature']} is {answer}.",
-            "recipe": lambda: f"To make {p['dish']} you need {_and_list(p['ingredients'])}."}[row["family"]]()
+            "recipe": lambda: f"To make {p['dish']} you need {_and_list(p['ingredients'])}.",
+            "letter": lambda: f"Here is a letter to {p['name']} about the {p['topic']}.\n{answer}",
+            "describe": lambda: answer}[row["family"]]()
 
 
 def _filler(rng):
