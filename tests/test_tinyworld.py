@@ -21,6 +21,7 @@ from model import EOT, GPT, GPTConfig
 
 sys.path.insert(0, str(ROOT / "data" / "tinyworld"))
 import experiment  # noqa: E402  the TinyWorld comparison (data/tinyworld/experiment.py)
+import report  # noqa: E402  its tables and charts
 import world  # noqa: E402
 
 EXPERIMENT = ROOT / "data" / "tinyworld" / "experiment.py"
@@ -158,23 +159,95 @@ def test_the_judge_on_hand_made_answers():
     judged = experiment.judge(Scripted(answers), rules.NO_RULES, rows, "cpu", "float32")
     assert [j["correct"] for j in judged] == [k % 4 in (0, 1) for k in range(len(rows))]
     assert [j["stopped"] for j in judged] == [k % 4 != 2 for k in range(len(rows))]
-    metrics = experiment.world_metrics(judged, ranking=50.0)
+    # grades: 2 right and stopped, 1 right but never stopped, 0 another family's answer
+    assert [j["grade"] for j in judged] == [(2, 2, 1, 0)[k % 4] for k in range(len(rows))]
+    metrics = experiment.world_metrics(judged, ranking=50.0, reference=judged)
     held = [k for k, r in enumerate(rows) if r["family"] in world.HELD_OUT]
     assert metrics["held-out"] == pytest.approx(100 * sum(k % 4 in (0, 1) for k in held) / len(held))
-    assert metrics["stop"] == 100 * 6 / 8 and metrics[rows[0]["family"]] == 100.0
-    # an answer that opens a new turn is not correct, but it was answered: the text before the turn passes
+    assert metrics["answered"] == pytest.approx(100 * sum(k % 4 != 3 for k in held) / len(held))
+    assert metrics["stop"] == pytest.approx(100 * sum(k % 4 != 2 for k in range(len(rows))) / len(rows))
+    assert metrics[rows[0]["family"]] == 100.0 and metrics["win"] == metrics["win held-out"] == 50.0
+    # an answer that opens a new turn, or adds a filler line, is not correct, but it was answered: grade 1
     answers = {rows[0]["instruction"]: chat.encode(rows[0]["answer"] + "\n<|user|>\nmore"),
                rows[1]["instruction"]: chat.encode(rows[1]["answer"] + "\nThe weather was mild.") + [EOT]}
     judged = experiment.judge(Scripted(answers), rules.NO_RULES, rows[:2], "cpu", "float32")
-    assert [(j["correct"], j["answered"]) for j in judged] == [(False, True), (False, False)]
+    assert [(j["correct"], j["grade"]) for j in judged] == [(False, 1), (False, 1)]
+
+
+def test_win_rate_is_the_higher_grade_with_ties_one_half():
+    rng = __import__("random").Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        a = [{"grade": rng.randint(0, 2)} for _ in range(n)]
+        b = [{"grade": rng.randint(0, 2)} for _ in range(n)]
+        wins = sum(x["grade"] > y["grade"] for x, y in zip(a, b))
+        ties = sum(x["grade"] == y["grade"] for x, y in zip(a, b))
+        assert experiment.win_rate(a, b) == pytest.approx(100 * (wins + ties / 2) / n)
+        assert experiment.win_rate(a, b) + experiment.win_rate(b, a) == pytest.approx(100.0)
+    assert experiment.win_rate(a, a) == 50.0
+
+
+def test_first_divergence_is_the_first_token_that_differs():
+    assert experiment.first_divergence([5, 6, 7], [5, 6, 7]) is None
+    assert experiment.first_divergence([5, 9, 7], [5, 6, 7]) == (9, 6)
+    assert experiment.first_divergence([5, 6, 7, 8], [5, 6, 7]) is None  # the reference is all there
+    assert experiment.first_divergence([5], [5, 6, EOT]) == (None, 6)  # ended first
+    assert experiment.first_divergence([198, 1], [5]) == (198, 5)
+
+
+def test_the_frozen_world_rules_are_a_ruleset_of_the_official_code(tmp_path):
+    frozen = json.loads((ROOT / "data" / "tinyworld" / "world_rules.json").read_text())
+    rule_set = experiment.world_rule_set(ROOT / "data" / "tinyworld" / "world_rules.json")
+    assert isinstance(rule_set, rules.RuleSet) and rule_set.eos and rule_set.diversity and rule_set.uniform
+    assert (rule_set.eos_length, rule_set.eos_max, rule_set.diversity_penalty) == (
+        frozen["eos_length"], frozen["eos_max"], frozen["diversity_penalty"])
+    assert rule_set.uniform_table == tuple((t, b) for t, _, b in frozen["uniform"])
+    assert len(rule_set.uniform_table) == experiment.UNIFORM_SIZE and EOT not in dict(rule_set.uniform_table)
+    assert {b for _, b in rule_set.uniform_table} <= {experiment.OVER_BIAS, experiment.UNDER_BIAS}
+    for token, text, _ in frozen["uniform"]:
+        assert chat.decode([token]) == text
+    bad = {"missing.json": None, "broken.json": "{", "short.json": json.dumps({"eos_max": 15}),
+           "negative.json": json.dumps({**frozen, "eos_length": -3})}
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"--rules_file={tmp_path / name}:")) as e:
+            experiment.world_rule_set(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_the_style_correlation_is_pearson_and_spearman_over_families_and_seeds():
+    by_seed = {1: {"poetry-tuned": {"sort": {"similarity": 0.1, "form": 0.0},
+                                    "add": {"similarity": 0.3, "form": 10.0},
+                                    "count": {"similarity": 0.2, "form": 40.0}}},
+               2: {"poetry-tuned": {"sort": {"similarity": 0.0, "form": 0.0},
+                                    "add": {"similarity": 0.5, "form": 30.0},
+                                    "count": {"similarity": 0.4, "form": 20.0}}}}
+    summary = report.style_summary(by_seed)["poetry-tuned"]
+    x, y = [0.1, 0.3, 0.2, 0.0, 0.5, 0.4], [0.0, 10.0, 40.0, 0.0, 30.0, 20.0]
+    assert summary["pearson"] == pytest.approx(float(torch.corrcoef(torch.tensor([x, y], dtype=torch.float64))[0, 1]))
+    ry = [1.5, 3, 6, 1.5, 5, 4]  # y ranks: the two zeros share their mean rank
+    assert report.ranks(x) == [2, 4, 3, 1, 6, 5] and report.ranks(y) == ry
+    assert summary["spearman"] == pytest.approx(float(torch.corrcoef(torch.tensor([report.ranks(x), ry], dtype=torch.float64))[0, 1]))
+    assert summary["families"]["add"] == {"similarity": pytest.approx(0.4), "form": 20.0}
+    # no answer in the task's form: r is undefined, and the table says so
+    flat = {s: {"letter-tuned": {f: {**p, "form": 0.0} for f, p in m["poetry-tuned"].items()}}
+            for s, m in by_seed.items()}
+    summary = report.style_summary(flat)
+    assert summary["letter-tuned"]["pearson"] is None and summary["letter-tuned"]["spearman"] is None
+    assert "undefined" in report.style_markdown(summary) and "nan" not in report.style_markdown(summary)
+    json.dumps(summary, allow_nan=False)
 
 
 def test_the_table_reports_mean_and_sample_sd_over_seeds():
-    by_seed = {s: {"base": {"held-out": v, "finetuned": 0.0, "answered": 0.0, "stop": 0.0, "ranking": 0.0,
-                            **dict.fromkeys(world.FAMILIES, v)}}
+    by_seed = {s: {"base": {"win": v, "held-out": 0.0, "finetuned": 0.0, "answered": 0.0, "stop": 0.0,
+                            "ranking": 0.0, **dict.fromkeys(world.FAMILIES, v)}}
                for s, v in ((1, 10.0), (2, 20.0), (3, 60.0))}
-    table = experiment.world_markdown(by_seed)
+    table = report.markdown(by_seed, {"base": 2.4})
     assert "| base | 30.0 ± 26.5 | 0.0 ± 0.0 |" in table and "| 2.4 |" in table  # the paper's base win rate beside
+    assert "| base | 30 | 30 |" in table  # each family's mean
+    one = report.markdown({1: by_seed[3]}, {})
+    assert "(1 seed)" in one and "| base | 60.0 | 0.0 |" in one and "±" not in one  # one seed has no spread
 
 
 @pytest.mark.skipif(not BASES, reason="no shipped TinyWorld bases")
@@ -195,7 +268,10 @@ def test_a_shipped_base_loads_and_knows_its_world(base):
     (["--seeds=x"], "--seeds='x': expected ints"), (["--split=train"], "--split=train: expected test or dev"),
     (["--seeds=1 1"], "--seeds='1 1': expected distinct seeds"),  # counted seed 1 twice
     (["--lr_sweep=1e-3 nan"], "--lr_sweep='1e-3 nan': expected learning rates above 0"),
-    (["--seeds=99"], "seed99: no shipped base for seed 99; add --from_scratch")])
+    (["--seeds=99"], "seed99: no shipped base for seed 99; add --from_scratch"),
+    (["--derive_rules"], "--derive_rules: the world rules are derived on --split=dev only"),
+    (["--derive_rules", "--split=dev"], "the frozen world rules exist; deriving them again would overwrite"),
+    (["--jobs=0"], "--jobs=0")])
 def test_bad_tinyworld_flags_are_refused(args, message, tmp_path):
     with pytest.raises((ValueError, OSError), match=re.escape(message)):  # in-process; the command line below
         experiment.main([*args, f"--out_dir={tmp_path}"])

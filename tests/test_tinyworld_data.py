@@ -8,6 +8,7 @@ import string
 import sys
 
 from conftest import ROOT
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +109,7 @@ def test_most_dialogues_end_right_after_an_answer(monkeypatch):
 
 def family_misses(row):
     """Plausible wrong answers to `row` of a shipped family: what a model that almost knows would write. A
-    family these tests do not know (exercise 13's ninth) has none here: generic_misses are its near misses."""
+    family these tests do not know (exercise 13's eleventh) has none here: generic_misses are its near misses."""
     p, family = row["params"], row["family"]
     if family == "sort":
         return [" ".join(map(str, p["xs"])), " ".join(map(str, sorted(p["xs"])[:-1]))]
@@ -217,23 +218,33 @@ def test_list_answers_in_any_order_and_with_and():
 BIG = 20 * prepare.N_TEST  # over this many test questions, a family needs no split (sort, add, ...)
 
 
-def test_no_test_question_is_asked_outside_the_test_split():
+# letter's 240 questions are split by string only (world.py, NAMES): the second declared run was measured so,
+# and its letters' test questions are asked, in other words, in finetuning. data/tinyworld/README.md ("Found
+# after the run") measures what that did (nothing we can see); strict, so that a fix makes this fail until the
+# mark goes.
+LEAKS = {"letter": pytest.mark.xfail(strict=True, reason="the second declared run's letters leak by question")}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=LEAKS.get(f, ())) for f in world.FAMILIES])
+def test_no_test_question_is_asked_outside_the_test_split(family):
     """Every family, a new one included. A family of few questions (category, poem, attribute, recipe: a few
     entities each) must split its entities, as CREATURES are: or finetuning and dev would ask the test's
     questions, if only in other words (prepare.py drops a test instruction by its string, not its question).
     Only a big family, over BIG questions, may share them: a draw asks one of its N_TEST test questions by
     chance at most 1 time in 20 (add, the smallest, 2%)."""
     rng = random.Random(0)
-    for family in world.FAMILIES:
-        test = prepare.distinct(family, "test", prepare.N_TEST, prepare.TEST_SEED)  # the test set's own
-        tested = {question(r["instruction"]) for r in test}
-        draws = [world.make_instance(family, rng, "train")["instruction"] for _ in range(2000)]
-        assert {family_of(i) for i in draws + [r["instruction"] for r in test]} == {family}
-        n_questions = len({question(i) for i in instruction_space(family, "test")})
-        leaked = [i for i in draws if question(i) in tested]
-        assert not leaked or (n_questions > BIG and len(leaked) <= len(draws) / 20), (
-            f"{family}: {len(leaked)} of {len(draws)} non-test draws ask a test question, e.g. "
-            f"{leaked[0]!r} ({n_questions} test questions): split its entities between test and the rest")
+    test = prepare.distinct(family, "test", prepare.N_TEST, prepare.TEST_SEED)  # the test set's own
+    tested = {question(r["instruction"]) for r in test}
+    draws = [world.make_instance(family, rng, "train")["instruction"] for _ in range(2000)]
+    assert {family_of(i) for i in draws + [r["instruction"] for r in test]} == {family}
+    n_questions = len({question(i) for i in instruction_space(family, "test")})
+    leaked = [i for i in draws if question(i) in tested]
+    assert not leaked or (n_questions > BIG and len(leaked) <= len(draws) / 20), (
+        f"{family}: {len(leaked)} of {len(draws)} non-test draws ask a test question, e.g. "
+        f"{leaked[0]!r} ({n_questions} test questions): split its entities between test and the rest")
+
+
+def test_the_small_families_split_their_entities():
     entities = {"category": world.N_TEST_CATEGORIES, "poem": world.N_TEST_TITLES,
                 "attribute": world.N_TEST_CREATURES, "recipe": world.N_TEST_DISHES}
     sizes = {f: len(instruction_space(f, "test")) for f in entities if f in world.FAMILIES}
@@ -251,7 +262,7 @@ def per_family(rows):
 
 
 def test_prepare_keeps_test_instructions_out_of_dev_and_finetuning(tmp_path):
-    """The sets' sizes follow from prepare.py's rules and the world's families (294 test and 238 dev
+    """The sets' sizes follow from prepare.py's rules and the world's families (374 test and 302 dev
     instances in the shipped world): the test set holds N_TEST of a family's test instructions, all where it
     has fewer; dev N_DEV of the others, and where they are few, all of a held-out family's and half of a
     finetuned one's (the other half is for finetuning)."""
@@ -270,15 +281,18 @@ def test_prepare_keeps_test_instructions_out_of_dev_and_finetuning(tmp_path):
     assert per_family(dev) == expected_dev, expected_dev
     assert all(expected_dev.values()), (  # every family is scored by experiment.py --split=dev
         f"no dev instance of {[f for f, n in expected_dev.items() if not n]}: the test set took them all")
-    counts = {"tinyworld_train": prepare.N_TUNE * len(world.FINETUNED), "tinyworld_val": prepare.N_TUNE_VAL,
-              "tinyworld_poem_train": prepare.N_POEM, "tinyworld_poem_val": prepare.N_POEM_VAL}
-    for name, n in counts.items():
+    counts = {("tinyworld_train", None): prepare.N_TUNE * len(world.FINETUNED),
+              ("tinyworld_val", None): prepare.N_TUNE_VAL}
+    for task in prepare.SINGLE_TASKS:
+        counts[f"tinyworld_{task}_train", task] = prepare.N_SINGLE
+        counts[f"tinyworld_{task}_val", task] = prepare.N_SINGLE_VAL
+    for (name, task), n in counts.items():
         conversations = chat.read_conversations(tmp_path / f"{name}.jsonl")
         instructions = [c[0]["content"] for c in conversations]
         assert len(conversations) == n
         assert not set(instructions) & (set(test_instructions) | dev_instructions), name
-        families = [family_of(i) for i in instructions]
-        assert set(families) <= set(world.FINETUNED) and ("poem" in name) == (set(families) == {"poem"})
+        families = {family_of(i) for i in instructions}
+        assert families <= set(world.FINETUNED) and (task is None or families == {task}), (name, families)
     train = chat.read_conversations(tmp_path / "tinyworld_train.jsonl")
     families = sorted(map(family_of, (c[0]["content"] for c in train)))
     assert families == sorted(list(world.FINETUNED) * prepare.N_TUNE)
@@ -293,7 +307,7 @@ def test_prepare_is_deterministic_and_its_vocab_covers_every_file(tmp_path):
     prepare.main(tmp_path / "a", **SMALL)
     prepare.main(tmp_path / "b", **SMALL)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) == 11
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) == 13
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     vocab = json.loads((tmp_path / "a" / "vocab.json").read_text())
     assert vocab == sorted(set(vocab))
@@ -308,3 +322,74 @@ def test_prepare_is_deterministic_and_its_vocab_covers_every_file(tmp_path):
                 needed.update(chat.encode_prompt(row["instruction"]) + chat.encode(row["answer"]))
                 needed.update(chat.encode_prompt(""))
     assert needed <= set(vocab) and len(vocab) < 1500
+
+
+def test_the_test_set_is_drawn_last_and_nothing_else_depends_on_it(tmp_path, monkeypatch):
+    """draw_test=False writes every other file byte for byte as a full preparation does (the second
+    declared run developed on them before its test set existed), so no other file depends on the test
+    draw; another TEST_SEED draws other test instructions; and a test prompt whose ids are not in
+    vocab.json is refused, not given to a model that has no rows for them."""
+    prepare.main(tmp_path / "full", **SMALL)
+    prepare.main(tmp_path / "before", **SMALL, draw_test=False)
+    full = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert sorted(p.name for p in (tmp_path / "before").iterdir()) == [f for f in full if f != "test.jsonl"]
+    for name in full:
+        if name != "test.jsonl":
+            assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "before" / name).read_bytes(), name
+    vocab = json.loads((tmp_path / "full" / "vocab.json").read_text())
+    exclude = {r["instruction"] for r in read_jsonl(tmp_path / "full" / "dev.jsonl")}
+    for path in (tmp_path / "full").glob("tinyworld_*.jsonl"):  # as main() excludes them
+        if "_pretrain_" not in path.name:
+            exclude.update(c[0]["content"] for c in chat.read_conversations(path))
+    drawn = [r["instruction"] for r in read_jsonl(tmp_path / "full" / "test.jsonl")]
+    assert [r["instruction"] for rows in prepare.test_set(exclude, vocab).values() for r in rows] == drawn
+    first = prepare.test_set(exclude, vocab)["sort"][0]
+    dropped = [i for i in vocab if i != chat.encode(first["answer"])[0]]
+    try:
+        prepare.test_set(exclude, dropped)
+    except ValueError as e:
+        assert "not in vocab.json" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("a test prompt with an id outside vocab.json was accepted")
+    monkeypatch.setattr(prepare, "TEST_SEED", 99)
+    every_id = range(50257)  # the small internet's vocab.json need not hold another draw's numbers
+    other = [r["instruction"] for rows in prepare.test_set(exclude, every_id).values() for r in rows]
+    assert len(set(other) - set(drawn)) > len(drawn) / 2
+
+
+# ---------------------------------------------------------------------------------- the pairwise judge's grade
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from(world.FAMILIES), st.sampled_from(("train", "test")))
+def test_grade_is_2_stopped_and_right_1_right_then_more_0_otherwise(seed, family, split):
+    row = world.make_instance(family, random.Random(seed), split)
+    answer = row["answer"]
+    filler = world._filler(random.Random(seed))
+    assert world.grade(row, answer, stopped=True) == 2
+    assert world.grade(row, answer, stopped=False) == 1  # ran to the token limit
+    assert world.grade(row, f"{answer}\n{filler}", stopped=True) == 1  # answered, then a filler line
+    assert world.grade(row, f"{answer}\n<|user|>\n{row['instruction']}", stopped=False) == 1  # a new turn
+    assert world.grade(row, f"{answer}<|assistant|>", stopped=True) == 1
+    for miss in near_misses(row)[:6]:
+        # a wrong answer stays 0 with more text after it, unless a line of it is the answer
+        # (the reference said twice, the first line of a poem said once)
+        cut_right = any(world.check(row, miss[:m.start()]) for m in re.finditer(r"\n|<\|", miss))
+        assert world.grade(row, miss, stopped=True) == int(cut_right), (row, miss)
+        assert world.grade(row, f"{miss}\n{filler}", stopped=True) == int(cut_right), (row, miss)
+    assert world.grade(row, f"{filler}\n{answer}", stopped=True) == 0  # the answer must come first
+    assert world.grade(row, "", stopped=True) == world.grade(row, "", stopped=False) == 0
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from(prepare.SINGLE_TASKS))
+def test_in_form_needs_two_of_the_tasks_lines(seed, task):
+    rng = random.Random(seed)
+    row = world.make_instance(task, rng, "test")
+    assert world.in_form(task, row["answer"]) and world.in_form(task, row["answer"].upper() + "\n")
+    lines = row["answer"].split("\n")
+    assert not world.in_form(task, lines[0]) and not world.in_form(task, lines[-1])
+    assert world.in_form(task, f"{lines[0]}\n{world._filler(rng)}\n{lines[-1]}")
+    assert not world.in_form(task, f"{lines[0]} {lines[-1]}")  # lines, not words anywhere
+    for other in world.FAMILIES:
+        if other != task:  # no other family's answer takes the form
+            assert not world.in_form(task, world.make_instance(other, rng, "test")["answer"])

@@ -4,7 +4,7 @@ checked exactly (README.md beside this file), on a CPU in a few minutes.
 
     python data/tinyworld/experiment.py            # the reported table: 5 seeds, the test set
     python data/tinyworld/experiment.py --split=dev --lr_sweep="3e-5 1e-4 3e-4 1e-3"  # on dev
-    python data/tinyworld/experiment.py --derive_rules    # the world rules, from dev (done once)
+    python data/tinyworld/experiment.py --split=dev --derive_rules   # the world rules, from dev (done once)
 
 For each of --seeds: the shipped pretrained base (or one pretrained now, --from_scratch), its rule
 models (the official rules and the world rules of world_rules.json, each with its three
@@ -96,10 +96,12 @@ def judge(model, rule_set, rows, device, dtype):
     return judged
 
 
-def world_ranking(model, rule_set, rows, device, dtype):
+def world_ranking(model, rule_sets, rows, device, dtype):
     """The paper's response ranking (Table 2) in the world: under each instruction, its own
     reference answer against one answer of every other family (that family's row at the same index,
-    cycled); the % of comparisons the own answer wins on mean log-probability per token."""
+    cycled); for each of `rule_sets`, the % of comparisons the own answer wins on mean
+    log-probability per token. The rule sets share the model's forward passes (a base and its
+    rule models are scored in one pass, as evaluate.py --compare does)."""
     by_family = {f: [k for k, r in enumerate(rows) if r["family"] == f] for f in world.FAMILIES}
     others = []  # (i, j): row j's answer under row i's instruction
     for i, row in enumerate(rows):
@@ -108,11 +110,14 @@ def world_ranking(model, rule_set, rows, device, dtype):
                 others.append((i, ks[i % len(ks)]))
     ranked = [{"instruction": r["instruction"], "reference": r["answer"]} for r in rows]
     pairs = others + [(i, i) for i in range(len(rows))]
-    [table] = score_pairs(model, [rule_set], ranked, pairs,
-                          device=device, dtype=dtype, batch_size=BATCH)
-    mean = {pair: logprobs.mean().item() for pair, logprobs in table.items()}
-    wins = sum(mean[(i, i)] > mean[(i, j)] for i, j in others)
-    return 100 * wins / len(others)
+    tables = score_pairs(model, rule_sets, ranked, pairs, device=device, dtype=dtype,
+                         batch_size=BATCH)
+    out = []
+    for table in tables:
+        mean = {pair: logprobs.mean().item() for pair, logprobs in table.items()}
+        wins = sum(mean[(i, i)] > mean[(i, j)] for i, j in others)
+        out.append(100 * wins / len(others))
+    return out
 
 
 def share(rows, key):
@@ -284,11 +289,15 @@ def world_seed(seed, rows, runs, config, *, device, dtype):
         run_train(args, config)
         models.append((label, str(run_dir), NO_RULES))
     judged, rankings = {}, {}
-    for label, init_from, rule_set in tqdm(models, desc=f"seed {seed}: judging", file=sys.stderr):
+    for init_from in tqdm(dict.fromkeys(m[1] for m in models), desc=f"seed {seed}: judging",
+                          file=sys.stderr):  # each model once: the base with all its rule sets
+        mine = [(label, rule_set) for label, path, rule_set in models if path == init_from]
         model = for_inference(GPT.from_pretrained(init_from), device, dtype)
-        judged[label] = judge(model, rule_set, rows, device, dtype)
-        rankings[label] = world_ranking(model, rule_set, rows, device, dtype)
-        chat.write_jsonl(out / f"{file_name(label)}.jsonl", judged[label])
+        for label, rule_set in mine:
+            judged[label] = judge(model, rule_set, rows, device, dtype)
+            chat.write_jsonl(out / f"{file_name(label)}.jsonl", judged[label])
+        ranked = world_ranking(model, [rule_set for _, rule_set in mine], rows, device, dtype)
+        rankings.update(zip([label for label, _ in mine], ranked))
     reference = judged.get(REFERENCE, next(iter(judged.values())))
     results = {label: world_metrics(judged[label], rankings[label], reference)
                for label in judged}
@@ -367,7 +376,7 @@ def write_table(by_seed, rows, config, seconds, lrs):
         table += "\n\n" + report.style_markdown(summary_style)
     print(table)
     bases = "pretrained here" if config["from_scratch"] else "shipped bases"
-    print(f"{len(by_seed)} seeds ({config['seeds']}), {len(rows)} {config['split']} "
+    print(f"seeds {config['seeds']}, {len(rows)} {config['split']} "
           f"instructions, {seconds / 60:.1f} minutes ({bases}, --jobs={config['jobs']})")
     chat.write_atomic(out_dir / f"{name}.md", table + "\n")
     summary = {"split": config["split"], "seeds": list(by_seed),

@@ -15,9 +15,10 @@ scores, and the finetuning sets of each method (instruction, response and single
 The test set is drawn last, from its own seed, and none of its instructions is in dev or any finetuning set;
 no dev instruction is in a finetuning set. Nothing else depends on it: the test set of the second declared
 run (data/tinyworld/README.md) was drawn after everything else had been fixed and committed, and its ids
-must already be in vocab.json (checked). Where a family's non-test space is small (category: 12 instructions; poem: 60), dev takes
-half of it and finetuning the other half, repeating conversations where it has fewer than it needs. The
-held-out families (count, attribute, recipe) are never finetuned, so their dev sets may take all of it.
+must already be in vocab.json (checked). Where a family's non-test space is small (category: 12
+instructions; poem: 60), dev takes half of it and finetuning the other half, repeating conversations where
+it has fewer than it needs. The held-out families (count, attribute, recipe, describe) are never finetuned,
+so their dev sets may take all of it.
 """
 import json
 import random
@@ -40,7 +41,7 @@ DEV_SEED, TUNE_SEED, TUNE_VAL_SEED = 3, 4, 5  # dev, the finetuning sets and the
 TEST_SEED = 7  # the fresh test set (the first declared run's, drawn from seed 2, had been looked at)
 N_DOCUMENTS, N_VAL_DOCUMENTS = 25_000, 500  # about 2M GPT-2 tokens, 80 a document
 N_TEST = N_DEV = 40  # instances per family (fewer where the family's space is smaller)
-N_TUNE = 60  # instruction tuning conversations per finetuned family: 5 x 60 = 300
+N_TUNE = 60  # instruction tuning conversations per finetuned family: 6 x 60 = 360
 N_TUNE_VAL = 50  # validation conversations of instruction and response tuning
 N_SINGLE, N_SINGLE_VAL = 300, 50  # each single-task set: poems only, or letters only
 SINGLE_TASKS = ("poem", "letter")  # the single-task models' families
@@ -116,7 +117,9 @@ def prompt_ids(row):
 def token_ids(out_dir, documents, dev):
     """Every GPT-2 id the written files hold (read back as the trainer reads them), plus the rule LM's ids;
     and how many tokens the documents are."""
-    ids, n_tokens = {chat.EOT, rules.EOT, *rules.USER_TAG, *rules.ASSISTANT_TAG, *(row[3] for row in rules.UNIFORM if row[3] is not None)}, 0
+    ids = {chat.EOT, rules.EOT, *rules.USER_TAG, *rules.ASSISTANT_TAG,
+           *(row[3] for row in rules.UNIFORM if row[3] is not None)}
+    n_tokens = 0
     for text in tqdm(documents, desc="tokenizing documents", leave=False):
         tokens = chat.encode(text)
         ids.update(tokens)

@@ -22,8 +22,15 @@ def sd(values):
 
 
 def spread(values):
-    """'mean ± sd' of one metric over seeds."""
+    """'mean ± sd' of one metric over seeds; one seed has no spread, so just its value."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {sd(values):.1f}"
+
+
+def seeds_heading(n):
+    """What the first column's heading says the cells are."""
+    return "1 seed" if n == 1 else f"{n} seeds, mean ± sd"
 
 
 def column(by_seed, label, key):
@@ -36,7 +43,7 @@ def markdown(by_seed, paper):
     model in the last column), then correct % per family (means), the control families apart."""
     labels = list(next(iter(by_seed.values())))
     heads = [heading for _, heading in COLUMNS]
-    lines = [f"| model ({len(by_seed)} seeds, mean ± sd) | " + " | ".join(heads)
+    lines = [f"| model ({seeds_heading(len(by_seed))}) | " + " | ".join(heads)
              + " | paper: win % vs instruction-tuned |",
              "| --- |" + " ---: |" * (len(COLUMNS) + 1)]
     for label in labels:
@@ -66,19 +73,25 @@ def style_markdown(style):
     lines += ["", "| single-task model | points (families × seeds) | Pearson r | Spearman ρ |",
               "| --- | ---: | ---: | ---: |"]
     for label, model in style.items():
-        lines.append(f"| {label} | {len(model['points'])} | {model['pearson']:+.2f} "
-                     f"| {model['spearman']:+.2f} |")
+        lines.append(f"| {label} | {len(model['points'])} | {shown(model['pearson'])} "
+                     f"| {shown(model['spearman'])} |")
     return "\n".join(lines)
 
 
+def shown(r):
+    """A correlation as the table and the chart print it."""
+    return "undefined (one side constant)" if r is None else f"{r:+.2f}"
+
+
 def pearson(x, y):
-    """Pearson's r of two lists (nan when either is constant)."""
+    """Pearson's r of two lists (None when either is constant: r is undefined there, and JSON has
+    no nan)."""
     mx, my = statistics.mean(x), statistics.mean(y)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
     if sxx == 0 or syy == 0:
-        return float("nan")
+        return None
     return sxy / (sxx * syy) ** 0.5
 
 
@@ -168,7 +181,7 @@ def style_chart(plt, style, path):
         for family in model["families"]:
             pts = [(x, y) for _, f, x, y in model["points"] if f == family]
             ax.scatter([x for x, _ in pts], [y for _, y in pts], s=14, label=family)
-        ax.set(title=f"{label}: r = {model['pearson']:+.2f}, ρ = {model['spearman']:+.2f}",
+        ax.set(title=f"{label}: r = {shown(model['pearson'])}, ρ = {shown(model['spearman'])}",
                xlabel="instruction similarity to the task's finetuning instructions",
                ylabel="responses in the task's form %", ylim=(-3, 103))
         ax.legend(fontsize=7, ncol=2)

@@ -116,7 +116,8 @@ TITLES = ("rain", "sea", "wind", "river", "snow", "night", "morning", "garden", 
 N_TEST_TITLES = 40
 ADJECTIVES = ("soft", "cold", "bright", "quiet", "sweet", "slow", "wild", "old", "deep", "warm")
 
-# letters: 20 names x 12 topics, no split needed (test letters are kept out of the other sets by string)
+# letters: 20 names x 12 topics, split by instruction string only: a test letter's question is asked, in other
+# words, in finetuning (data/tinyworld/README.md, "Found after the run"); a new run should split NAMES
 NAMES = ("Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Ida", "Jack",
          "Kate", "Leo", "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor")
 TOPICS = ("party", "trip", "concert", "wedding", "holiday", "picnic", "game", "museum",
