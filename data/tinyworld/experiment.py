@@ -413,7 +413,8 @@ def main(argv):
     # 2) the models: the table's, or response tuning at each learning rate
     config["world_rules"] = None
     if lrs:
-        runs = [(f"response-tuned at lr {lr:.0e}", "tinyworld_responses", lr) for lr in lrs]
+        sweep = [(f"response-tuned at lr {lr:.0e}", "tinyworld_responses", lr) for lr in lrs]
+        runs = [(REFERENCE, RUNS[0][1], None)] + sweep  # every win % is against it, as in the table
     else:
         runs = [(label, run, None) for label, run in RUNS]
         if Path(config["rules_file"]).exists():
@@ -424,7 +425,8 @@ def main(argv):
     # 3) every seed, then the table over seeds, the charts and the files
     by_seed = all_seeds(seeds, rows, runs, config, device=device, dtype=dtype)
     write_table(by_seed, rows, config, time.time() - start, lrs)
-    print(f"wrote {config['out_dir']}/results.md, .json, .png (and style.png); each model's "
+    name, style_png = ("lr_sweep", "") if lrs else ("results", " (and style.png)")
+    print(f"wrote {config['out_dir']}/{name}.md, .json, .png{style_png}; each model's "
           f"answers in {config['out_dir']}/seed<N>/", file=sys.stderr)
 
 

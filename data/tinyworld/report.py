@@ -190,14 +190,17 @@ def style_chart(plt, style, path):
 
 def sweep_chart(plt, by_seed, lrs, path):
     """Response tuning's correct % against its learning rate: where it works and where it
-    collapses."""
-    labels = list(next(iter(by_seed.values())))
+    collapses; the instruction-tuned model's (the first row) as a dashed line."""
+    reference, *labels = list(next(iter(by_seed.values())))  # (instruction-tuned, one per lr)
+    assert len(labels) == len(lrs), (labels, lrs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, color in (("held-out", "tab:orange"), ("finetuned", "tab:blue")):
         values = [column(by_seed, label, key) for label in labels]
         ax.errorbar(lrs, [statistics.mean(v) for v in values], yerr=[sd(v) for v in values],
                     marker="o", capsize=3, color=color, label=f"{key} families")
+        ax.axhline(statistics.mean(column(by_seed, reference, key)), color=color, ls="--", lw=1,
+                   label=f"{reference}, {key}")
     ax.set(xscale="log", ylim=(0, 100), xlabel="response-tuning learning rate (60 steps of 16)",
-           ylabel=f"correct %, mean ± sd over {len(by_seed)} seeds")
+           ylabel=f"correct % ({seeds_heading(len(by_seed))})")
     ax.legend(fontsize=8)
     save(plt, fig, path)
