@@ -97,6 +97,10 @@ def run_script(script, args, what):
             child.kill()
             child.wait()
         raise
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # the child was stopped at a step's end and checkpointed, by a signal that did not reach us
+        # (sent to it alone, or to a thread of ours that never woke our wait): stop as if it had
+        raise Stopped(code, "interrupted" if code == 128 + signal.SIGINT else "terminated")
     if code != 0:
         raise OSError(f"{what} failed: {' '.join(command)}")
 

@@ -16,6 +16,7 @@ import embedding
 import evaluate
 import scoring
 import similarity
+from cli import Stopped
 from model import EOT, GPT, GPTConfig
 from rules import NO_RULES, RuleSet, rule_bias
 
@@ -310,3 +311,20 @@ def test_compare_uses_finished_runs_where_the_readme_puts_them_and_resumes_stopp
     assert calls == [[str(ROOT / "config" / "instruction_tuning.toml"), "--init_from=gpt2", "--data=lima",
                       f"--out_dir={instruction}"],
                      ["--init_from=resume", f"--out_dir={poetry}"]]
+
+
+@pytest.mark.parametrize("code", [130, 143, 1, 2])
+def test_a_child_stopped_by_a_signal_stops_the_comparison(tmp_path, code):
+    """train.py exits 130 or 143 when a Ctrl-C or SIGTERM stopped it at a step's end (checkpointed). If the
+    signal reached the child and not us (sent to it alone, or taken by a thread of ours while the main thread
+    waited), the comparison stops as on a Ctrl-C of its own, not with "training failed"; any other failure is
+    still one."""
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys\nsys.exit({code})\n")
+    if code in (130, 143):
+        with pytest.raises(Stopped) as stopped:
+            comparison.run_script(str(script), [], "training")
+        assert stopped.value.code == code
+    else:
+        with pytest.raises(OSError, match="training failed"):
+            comparison.run_script(str(script), [], "training")

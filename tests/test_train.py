@@ -310,7 +310,8 @@ def test_toml_config_and_flags_override(tmp_path):
         cli.parse_flags(train.DEFAULTS, [str(cfg)], "")
     names = sorted(p.stem for p in (ROOT / "config").glob("*.toml"))
     assert names == ["chess", "gsm8k", "instruction_tuning", "mbpp", "poetry", "recipes", "response_tuning", "smoke",
-                     "tinyworld_instruction", "tinyworld_poem", "tinyworld_pretrain", "tinyworld_responses"]
+                     "tinyworld_instruction", "tinyworld_letter", "tinyworld_poem", "tinyworld_pretrain",
+                     "tinyworld_responses"]
     for name in names:  # the shipped configs parse, and each single-task one has the official epochs
         config = cli.parse_flags(train.DEFAULTS, [str(ROOT / "config" / f"{name}.toml")], "")
         epochs = {"gsm8k": 7, "mbpp": 15, "poetry": 15, "recipes": 20, "chess": 15}.get(name)
