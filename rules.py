@@ -28,7 +28,8 @@ assistant tag).
 `rule_bias` computes the scores from scratch, to be read next to the paper. `RuleState` is what
 the sampler uses: per sequence, a mask of tokens seen, a response-length counter and how much of
 each tag the sequence ends with, updated with each new token, so a step costs the same at token
-1,000 as at token 1 and each sequence of a batch keeps its own state.
+1,000 as at token 1 and each sequence of a batch keeps its own state. `ForcedRules` is the same
+state in closed form for responses already known (scoring.py): every position at once.
 """
 import functools
 import math
@@ -355,6 +356,84 @@ class RuleState:
         # renormalization of the product removes: so the hook costs one add of this tensor, no
         # full-vocabulary op of its own
         return self.scores()
+
+
+class ForcedRules:
+    """The rules along known responses (teacher forcing: scoring, the paper's Table 2), for every
+    position at once. Before response token t the rule scores are closed-form in t: the EOS ramp's
+    count and where the diversity rule starts counting come from walking the tags along the response
+    (RuleState's tables: a few (B,) lookups a token), and a token is penalized at t if its first
+    occurrence since that start lies before t. So a chunk of n positions costs one pass over the
+    model's (B, n, V) log-probs plus O(n x distinct tokens) writes, not n RuleState steps; and
+    added_to(zeros) equals RuleState.scores() step by step (tests/test_rules.py)."""
+
+    def __init__(self, prompts, targets, rule_set, columns=None):
+        # prompts: B lists of GPT-2 ids; targets (B, T) on the CPU, each row's response tokens
+        # (right padding is harmless: it only comes after them). columns: the GPT-2 id of each
+        # column of the scores (a restricted vocabulary's rows), all 50,257 by default.
+        self.rule_set = rule_set
+        B, T = targets.shape
+        columns = torch.arange(VOCAB) if columns is None else torch.as_tensor(columns)
+        base = uniform_bias(rule_set) if rule_set.uniform else torch.zeros(VOCAB)
+        self.base = base[columns]  # (V',) the scores every position starts from
+        self.eot = (columns == EOT).nonzero().flatten()  # <|endoftext|>'s column, if it has one
+        lens = torch.tensor([len(p) for p in prompts])  # (B,) target t is at index lens + t
+        starts = [rule_starts(p, len(p), rule_set) for p in prompts]
+        n = lens - torch.tensor([s[1] for s in starts])  # (B,) response tokens so far
+        begin = torch.tensor([s[0] for s in starts])  # (B,) where the diversity rule counts from
+        tags = (USER_TAG, ASSISTANT_TAG)
+        progress = [torch.tensor([tag_progress(p, tag) for p in prompts]) for tag in tags]
+        counts, begins = [], []
+        for t in range(T):  # RuleState.update's walk, without its (B, V) table
+            counts.append(n)
+            begins.append(begin)
+            n = n + 1
+            if not rule_set.fixed_tags:
+                progress = [table[k, targets[:, t]] for table, k in zip(tag_tables("cpu"), progress)]
+                assistant = progress[1] == len(ASSISTANT_TAG)
+                n = n.masked_fill(assistant, 0)  # the response starts anew after the new tag
+                restart = assistant if rule_set.response_only else progress[0] == len(USER_TAG)
+                begin = torch.where(restart, lens + t + 1, begin)  # counting starts after the tag
+        empty = torch.zeros(B, 0, dtype=torch.long)
+        self.counts = torch.stack(counts, 1) if T else empty  # (B, T) the EOS ramp's n
+        self.begins = torch.stack(begins, 1) if T else empty  # (B, T) nondecreasing in t
+        self.ends = lens[:, None] + torch.arange(T)[None, :]  # (B, T) the context's length at t
+        # per row, per start d: the distinct columns of the sequence from d on and where each
+        # first occurs: at t, those whose first occurrence is before ends[t] are penalized
+        col_of = torch.full((VOCAB,), -1, dtype=torch.long)
+        col_of[columns] = torch.arange(len(columns))
+        self.runs = []
+        for b, prompt in enumerate(prompts):
+            seq = col_of[torch.cat([torch.tensor(prompt, dtype=torch.long), targets[b]])]
+            runs = []
+            for d in self.begins[b].unique().tolist():
+                known = seq[d:] >= 0  # a token outside the columns has no score to change
+                first = torch.full((len(columns),), len(seq), dtype=torch.long)
+                first = first.scatter_reduce(0, seq[d:][known], torch.arange(d, len(seq))[known], "amin")
+                cols = (first < len(seq)).nonzero().flatten()  # (m,) the distinct columns from d
+                at = (self.begins[b] == d).nonzero().flatten()  # the positions counting from d
+                runs.append((int(at[0]), int(at[-1]) + 1, cols, first[cols]))
+            self.runs.append(runs)
+
+    def added_to(self, logprobs, t0, t1):
+        """logprobs (B, t1 - t0, V') plus the rule scores before targets t0..t1-1: the product of
+        experts, up to each position's normalizer (the rule LM's own is a constant there, which the
+        product's renormalization removes)."""
+        device = logprobs.device
+        product = logprobs + self.base.to(device)  # (B, n, V') a new tensor: logprobs is shared
+        if self.rule_set.diversity:
+            for b, runs in enumerate(self.runs):
+                for lo, hi, cols, first in runs:
+                    lo, hi = max(lo, t0), min(hi, t1)
+                    if lo < hi:  # positions lo..hi-1 count from this start
+                        seen = first.to(device)[None, :] < self.ends[b, lo:hi, None].to(device)  # (k, m)
+                        penalty = -self.rule_set.diversity_penalty * seen.to(product.dtype)
+                        index = cols.to(device)[None, :].expand(hi - lo, -1)
+                        product[b, lo - t0:hi - t0].scatter_add_(1, index, penalty)
+        if self.rule_set.eos and len(self.eot):
+            ramp = eos_bias(self.counts[:, t0:t1], self.rule_set)  # (B, n)
+            product[:, :, self.eot[0]] += ramp.to(device, product.dtype)
+        return product
 
 
 def product_of_experts(logits, rule_scores):

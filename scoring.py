@@ -13,7 +13,7 @@ from tqdm import tqdm
 import chat
 from cli import autocast
 from model import EOT, varying_lengths
-from rules import RuleState, product_of_experts
+from rules import ForcedRules
 
 
 def encode_pair(instruction, response, block_size):
@@ -66,40 +66,35 @@ def score_batch(model, rule_sets, batch, device, dtype, chunk=64):
     for b, (ids, p) in enumerate(batch):
         x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[b, :len(ids) - p] = torch.tensor(ids[p:])
+    prompts = [ids[:p] for ids, p in batch]
+    columns = model.vocab.token_ids  # the GPT-2 id of each row of lm_head (None: all of GPT-2's)
+    columns = None if columns is None else columns.cpu()
+    # the rules along the known responses, every position at once (RuleState's steps in closed form)
+    forced = [ForcedRules(prompts, targets, rule_set, columns) if rule_set.on else None
+              for rule_set in rule_sets]
     x = x.to(device)
-    targets = targets.to(device)
-    rows = model.vocab.rows(targets)  # the targets' rows of lm_head (the ids themselves for GPT-2)
+    rows = model.vocab.rows(targets.to(device))  # (B, T) the targets' rows of lm_head
     first = torch.tensor([p - 1 for _, p in batch], device=device)  # predicts each first target
-    states = []
-    for rule_set in rule_sets:
-        if rule_set.on:
-            states.append(RuleState([ids[:p] for ids, p in batch], rule_set, device))
-        else:
-            states.append(None)
     picked = [[] for _ in rule_sets]  # per rule set, (B, n) log-probs of the targets, n at a time
     with autocast(device, dtype), varying_lengths():  # every batch has a length of its own
         h = model.hidden(x)  # (B, L, C): right padding is never seen by the real tokens before it
         for t0 in range(0, T, chunk):
-            span = torch.arange(t0, min(t0 + chunk, T), device=device)
+            t1 = min(t0 + chunk, T)
+            span = torch.arange(t0, t1, device=device)
             # (B, n); past a row's end: clamped, and ignored below
             positions = (first[:, None] + span[None, :]).clamp(max=L - 1)
             row_index = torch.arange(B, device=device)[:, None]
             logits = model.lm_head(h[row_index, positions]).float()  # (B, n, V)
-            plain = None
-            if any(state is None for state in states):
-                plain = F.log_softmax(logits, dim=-1).gather(2, rows[:, span, None])[..., 0]
-            for state, scored in zip(states, picked):
-                if state is None:
-                    scored.append(plain)
+            lm = F.log_softmax(logits, dim=-1)  # (B, n, V) the model's log-probs, shared
+            wanted = rows[:, span, None]  # (B, n, 1)
+            for rules_here, scored in zip(forced, picked):
+                if rules_here is None:
+                    scored.append(lm.gather(2, wanted)[..., 0])
                     continue
-                # the rules' scores depend on the response so far: in steps, over a restricted
-                # vocabulary's own ids: the rule LM's normalizer there differs by a constant, which
-                # the product's renormalization removes
-                for k, t in enumerate(span.tolist()):
-                    rule_scores = model.vocab.own(state.scores())
-                    logprobs = product_of_experts(logits[:, k], rule_scores)  # (B, V)
-                    scored.append(logprobs.gather(1, rows[:, t:t + 1]))
-                    state.update(targets[:, t])
+                # the product of experts, log_softmax(lm + log_softmax(rules)): the rule LM's
+                # normalizer is a constant per position, which the renormalization removes
+                product = rules_here.added_to(lm, t0, t1)  # (B, n, V) unnormalized
+                scored.append(product.gather(2, wanted)[..., 0] - product.logsumexp(-1))
     picked = [torch.cat(scored, dim=1).cpu() for scored in picked]  # each (B, T)
     out = []
     for scored in picked:

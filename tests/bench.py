@@ -262,6 +262,7 @@ def bench_rules():
                                   "ms_per_token_all_rules": 1000 * ruled / new_tokens, "ratio": ruled / none})
             print(f"  {name}, {new_tokens} tokens, {'other core busy' if loaded else 'quiet'}: no rules "
                   f"{1000 * none / new_tokens:.2f} ms/token, all rules {1000 * ruled / new_tokens:.2f}: {ruled / none:.2f}x")
+    out["scoring"] = bench_scoring()
     prompt = list(range(16))
     for n in (100, 1000):  # the rules' own step: two in-place writes a row, never a rescan
         rule_state, generated = RuleState([prompt], RuleSet()), torch.randint(0, 50257, (1, n))
@@ -271,6 +272,32 @@ def bench_rules():
         out[f"rules_step_after_{n}_us"] = 1e6 * t
         print(f"  the rules' own step after {n:>4} tokens: {1e6 * t:.0f} us")
     return out
+
+
+@torch.no_grad()
+def bench_scoring():
+    """Scoring known responses (the ranking of Table 2, the reference NLL), gpt2 shape, CPU fp32: with all rules
+    against none, and the five rule sets of --compare in one pass. The rules' scores for every position come
+    in closed form (rules.ForcedRules), so they should cost little beyond the model's own pass."""
+    import scoring
+    from rules import NO_RULES, RuleSet
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**shape())).eval()
+    g = torch.Generator().manual_seed(1)
+    encoded = []
+    for _ in range(4 if TINY else 8):
+        p, r = int(torch.randint(20, 80, (1,), generator=g)), int(torch.randint(10, 30 if TINY else 200, (1,), generator=g))
+        encoded.append((torch.randint(0, 50256, (p + r,), generator=g).tolist() + [50256], p))
+    encoded.sort(key=lambda e: len(e[0]))
+    compare = [NO_RULES, RuleSet(), RuleSet(eos=False), RuleSet(diversity=False), RuleSet(uniform=False)]
+    none, ruled, five = interleaved([lambda: scoring.score_batch(model, [NO_RULES], encoded, "cpu", "float32"),
+                                     lambda: scoring.score_batch(model, [RuleSet()], encoded, "cpu", "float32"),
+                                     lambda: scoring.score_batch(model, compare, encoded, "cpu", "float32")], rounds=3)
+    n = sum(len(ids) - p for ids, p in encoded)
+    print(f"  scoring {len(encoded)} responses ({n} tokens): no rules {none:.2f} s, all rules {ruled:.2f} s "
+          f"({ruled / none:.2f}x), the five rule sets of --compare in one pass {five:.2f} s ({five / none:.2f}x)")
+    return {"pairs": len(encoded), "tokens": n, "no_rules_s": none, "all_rules_s": ruled, "ratio": ruled / none,
+            "compare_five_s": five, "compare_five_ratio": five / none}
 
 
 # ------------------------------------------------------------------------------------------------ on a GPU

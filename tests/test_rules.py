@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import chat
 from model import GPT
-from rules import (ASSISTANT_TAG, DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, UNIFORM, USER_TAG, VOCAB,
+from rules import (ASSISTANT_TAG, ForcedRules, DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, UNIFORM, USER_TAG, VOCAB,
                    RuleState, RuleSet, after_tag, eos_bias, parse_rules, product_of_experts, rule_bias,
                    uniform_bias)
 
@@ -255,6 +255,36 @@ def test_other_values_incremental_batched_state_equals_the_reference(rows, value
         for b, prompt in enumerate(prompts):
             reference = rule_bias(prompt + steps[b, :t].tolist(), len(prompt), rules)
             assert_close(batch[b], reference, scale=sum(terms))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(row, min_size=1, max_size=3), values=other_values, cut=st.integers(0, 30),
+       columns=st.one_of(st.none(), st.lists(table_token, min_size=1, max_size=40, unique=True)),
+       options=st.fixed_dictionaries({"eos": st.booleans(), "diversity": st.booleans(), "uniform": st.booleans(),
+                                      "eos_hold": st.booleans(), "response_only": st.booleans(),
+                                      "fixed_tags": st.booleans(), "what_bias": st.sampled_from([-5.0, -3.0])}))
+def test_forced_rules_equal_stepping_the_state_token_by_token(rows, values, cut, columns, options):
+    """Scoring's rules for known responses, all positions at once, in chunks cut anywhere and on a restricted
+    vocabulary's columns, are RuleState's scores step by step: tags in the response (new turns), tags split by the
+    prompt's end, <|endoftext|> in the text, every option and other values."""
+    rules = RuleSet(**options, **values)
+    prompts, responses = [], []
+    for before, with_tag, instruction, tag_cut, pieces in rows:
+        prompts.append(before + (USER_TAG if with_tag else []) + instruction + ASSISTANT_TAG[:5 - tag_cut])
+        responses.append(ASSISTANT_TAG[5 - tag_cut:] + [t for p in pieces for t in p])
+    longest = max(map(len, responses))
+    targets = torch.tensor([r + [7] * (longest - len(r)) for r in responses])  # (B, T), padded as scoring pads
+    forced = ForcedRules(prompts, targets, rules, columns)
+    cut = min(cut, longest)
+    width = VOCAB if columns is None else len(columns)
+    zeros = torch.zeros(len(prompts), longest, width)  # log-probs of 0: what is added is the rules' scores
+    chunks = torch.cat([forced.added_to(zeros[:, :cut], 0, cut), forced.added_to(zeros[:, cut:], cut, longest)], 1)
+    state = RuleState(prompts, rules)
+    terms = [abs(rules.eos_max), rules.diversity_penalty, 5.0] + [abs(b) for _, b in rules.uniform_table]
+    for t in range(longest):
+        stepped = state(torch.zeros(len(prompts), VOCAB), targets[:, :t])  # (B, V) before target t
+        expected = stepped if columns is None else stepped[:, columns]
+        assert_close(chunks[:, t], expected, scale=sum(terms))
 
 
 @pytest.mark.parametrize("field, value", [

@@ -59,6 +59,32 @@ def test_restricted_vocabulary_equals_hf_on_its_rows(tmp_path):
     assert again.config.token_ids == bare.config.token_ids == tuple(IDS)
 
 
+def test_scoring_with_rules_on_a_restricted_vocabulary_is_the_product_over_its_rows():
+    """The ranking's scores with rules (the official set and a world-like one with a short ramp and its own
+    table), computed for all positions at once, are the product of experts stepped token by token over the
+    model's own rows: RuleState's scores restricted to them, as generation uses them."""
+    import scoring
+    model = restricted()
+    world_like = rules.RuleSet(eos_max=15.0, eos_length=4, diversity_penalty=1.5,
+                               uniform_table=((198, -4.0), (chat.encode(" blue")[0], 1.0)))
+    pairs = [("What colour is a blorp?", "What blue"), ("What colour is a blorp?", "What red green red blue red"),
+             ("", "What green green<|user|>\nWhat colour is a blorp?\n<|assistant|>\nWhat blue red")]  # new turns
+    for rule_set in (rules.RuleSet(), world_like):
+        scored = scoring.score_responses(model, [rule_set], pairs, "cpu", "float32", batch_size=2)[0]
+        for (instruction, response), ours in zip(pairs, scored):
+            ids, p = scoring.encode_pair(instruction, response, model.config.block_size)
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[:-1]]))  # (1, L, V') over the model's rows
+            state = rules.RuleState([ids[:p]], rule_set)
+            expected = []
+            for t, token in enumerate(ids[p:]):
+                product = rules.product_of_experts(logits[0, p - 1 + t], model.vocab.own(state.scores())[0])
+                expected.append(product[IDS.index(token)])
+                state.update(torch.tensor([token]))
+            assert len(ours) == len(expected) > 1
+            assert_close(ours, torch.stack(expected), scale=torch.stack(expected).abs().max())
+
+
 def test_generation_speaks_gpt2_ids_and_equals_hf_greedy(tmp_path):
     from transformers import GPT2LMHeadModel
     model = restricted(seed=2)
