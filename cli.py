@@ -16,8 +16,10 @@ import torch
 DEVICE_FLAGS = {
     "device": ("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
     "dtype": ("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 on CPU), or one "
-                      "of those; on a CPU, bfloat16 generates and scores in bfloat16 weights "
-                      "(1.5-2.3x faster decoding)"),
+                      "of those; on a CPU, bfloat16 generates and scores in bfloat16 weights: "
+                      "measured 1.5-1.7x faster decoding at batch 1 on AMD EPYC (Zen 3), but "
+                      "0.88x (slower) on an Intel Xeon; python tests/bench.py generate measures "
+                      "yours"),
     "threads": (0, "CPU threads for PyTorch; 0 = its default, one per core. 1 is fastest for "
                    "tiny models on a busy machine (a TinyWorld step: 0.22 s with 1 thread, 1.9 s "
                    "with 2 while the other core is busy)"),
