@@ -414,25 +414,36 @@ class ForcedRules:
                 at = (self.begins[b] == d).nonzero().flatten()  # the positions counting from d
                 runs.append((int(at[0]), int(at[-1]) + 1, cols, first[cols]))
             self.runs.append(runs)
+        self.device = torch.device("cpu")
+
+    def to(self, device):
+        """The state on `device`, moved once (not once a chunk: scoring calls added_to per chunk)."""
+        device = torch.device(device)
+        if device != self.device:
+            self.base, self.ends, self.counts = (x.to(device) for x in (self.base, self.ends, self.counts))
+            self.runs = [[(lo, hi, cols.to(device), first.to(device)) for lo, hi, cols, first in runs]
+                         for runs in self.runs]
+            self.device = device
+        return self
 
     def added_to(self, logprobs, t0, t1):
         """logprobs (B, t1 - t0, V') plus the rule scores before targets t0..t1-1: the product of
         experts, up to each position's normalizer (the rule LM's own is a constant there, which the
         product's renormalization removes)."""
-        device = logprobs.device
-        product = logprobs + self.base.to(device)  # (B, n, V') a new tensor: logprobs is shared
+        self.to(logprobs.device)
+        product = logprobs + self.base  # (B, n, V') a new tensor: logprobs is shared
         if self.rule_set.diversity:
             for b, runs in enumerate(self.runs):
                 for lo, hi, cols, first in runs:
                     lo, hi = max(lo, t0), min(hi, t1)
                     if lo < hi:  # positions lo..hi-1 count from this start
-                        seen = first.to(device)[None, :] < self.ends[b, lo:hi, None].to(device)  # (k, m)
+                        seen = first[None, :] < self.ends[b, lo:hi, None]  # (k, m)
                         penalty = -self.rule_set.diversity_penalty * seen.to(product.dtype)
-                        index = cols.to(device)[None, :].expand(hi - lo, -1)
+                        index = cols[None, :].expand(hi - lo, -1)
                         product[b, lo - t0:hi - t0].scatter_add_(1, index, penalty)
         if self.rule_set.eos and len(self.eot):
             ramp = eos_bias(self.counts[:, t0:t1], self.rule_set)  # (B, n)
-            product[:, :, self.eot[0]] += ramp.to(device, product.dtype)
+            product[:, :, self.eot[0]] += ramp.to(product.dtype)
         return product
 
 
