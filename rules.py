@@ -267,6 +267,25 @@ def tag_progress(ids, tag):
     return 0
 
 
+def tag_ends(prompts, device="cpu"):
+    """Per tag (user, assistant), (B,) how much of it each prompt ends with, so that a tag the
+    prompt's end splits is still found."""
+    return [torch.tensor([tag_progress(prompt, tag) for prompt in prompts], dtype=torch.long,
+                         device=device) for tag in (USER_TAG, ASSISTANT_TAG)]
+
+
+def new_turns(progress, tokens, rule_set):
+    """One token along the tags: (progress after `tokens`, the rows that have just completed an
+    assistant tag (the EOS ramp restarts), the rows whose diversity rule restarts (a new user tag,
+    or with response_only the assistant tag)). progress: per tag, (B,) how much of it each
+    sequence ends with; tokens (B,)."""
+    tables = tag_tables(tokens.device)
+    progress = [table[k, tokens] for table, k in zip(tables, progress)]  # (B,) each
+    user = progress[0] == len(USER_TAG)
+    assistant = progress[1] == len(ASSISTANT_TAG)
+    return progress, assistant, assistant if rule_set.response_only else user
+
+
 class RuleState:
     """The rules for a batch of sequences, kept up to date one token at a time. Called by
     GPT.generate at each step as a hook: returns the rule scores (B, vocab_size) for the next
@@ -285,14 +304,7 @@ class RuleState:
             self.base = uniform_bias(rule_set).to(device)  # (V,) the scores every row starts from
         else:
             self.base = torch.zeros(VOCAB, device=device)
-        self.tags = (USER_TAG, ASSISTANT_TAG)
-        self.tables = tag_tables(device)
-        # (B,) per tag: how much of it each sequence ends with, so that a tag the prompt's end
-        # splits is still found
-        self.progress = []
-        for tag in self.tags:
-            ends = [tag_progress(prompt, tag) for prompt in prompts]
-            self.progress.append(torch.tensor(ends, dtype=torch.long, device=device))
+        self.progress = tag_ends(prompts, device)  # per tag, (B,)
         # per row: where the diversity rule starts counting, and where the response starts
         starts = [rule_starts(prompt, len(prompt), rule_set) for prompt in prompts]
         counts = [len(prompt) - start[1] for prompt, start in zip(prompts, starts)]
@@ -333,12 +345,8 @@ class RuleState:
         self.seen[rows, tokens] = True
         self.n += 1
         if not self.rule_set.fixed_tags:
-            for k, table in enumerate(self.tables):
-                self.progress[k] = table[self.progress[k], tokens]  # (B,)
-            user = self.progress[0] == len(USER_TAG)  # (B,) rows that just completed a user tag
-            assistant = self.progress[1] == len(ASSISTANT_TAG)
+            self.progress, assistant, restart = new_turns(self.progress, tokens, self.rule_set)
             self.n.masked_fill_(assistant, 0)  # the response starts anew after the new tag
-            restart = assistant if self.rule_set.response_only else user
             if restart.any():  # a new turn: rare, so the O(V) reset is too
                 self.forget(restart)
         self.ramp()
@@ -381,18 +389,15 @@ class ForcedRules:
         starts = [rule_starts(p, len(p), rule_set) for p in prompts]
         n = lens - torch.tensor([s[1] for s in starts])  # (B,) response tokens so far
         begin = torch.tensor([s[0] for s in starts])  # (B,) where the diversity rule counts from
-        tags = (USER_TAG, ASSISTANT_TAG)
-        progress = [torch.tensor([tag_progress(p, tag) for p in prompts]) for tag in tags]
+        progress = tag_ends(prompts)  # per tag, (B,)
         counts, begins = [], []
         for t in range(T):  # RuleState.update's walk, without its (B, V) table
             counts.append(n)
             begins.append(begin)
             n = n + 1
             if not rule_set.fixed_tags:
-                progress = [table[k, targets[:, t]] for table, k in zip(tag_tables("cpu"), progress)]
-                assistant = progress[1] == len(ASSISTANT_TAG)
+                progress, assistant, restart = new_turns(progress, targets[:, t], rule_set)
                 n = n.masked_fill(assistant, 0)  # the response starts anew after the new tag
-                restart = assistant if rule_set.response_only else progress[0] == len(USER_TAG)
                 begin = torch.where(restart, lens + t + 1, begin)  # counting starts after the tag
         empty = torch.zeros(B, 0, dtype=torch.long)
         self.counts = torch.stack(counts, 1) if T else empty  # (B, T) the EOS ramp's n

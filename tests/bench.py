@@ -274,6 +274,16 @@ def bench_rules():
     return out
 
 
+def ranking_pairs(n, longest, g):
+    """n scored (ids, prompt_len) pairs, shortest first: random prompts of 20-79 tokens and responses of 10 to
+    longest - 1 tokens closed by <|endoftext|>, Alpaca-like lengths drawn from generator g."""
+    encoded = []
+    for _ in range(n):
+        p, r = int(torch.randint(20, 80, (1,), generator=g)), int(torch.randint(10, longest, (1,), generator=g))
+        encoded.append((torch.randint(0, 50256, (p + r,), generator=g).tolist() + [50256], p))
+    return sorted(encoded, key=lambda e: len(e[0]))
+
+
 @torch.no_grad()
 def bench_scoring():
     """Scoring known responses (the ranking of Table 2, the reference NLL), gpt2 shape, CPU fp32: with all rules
@@ -283,12 +293,7 @@ def bench_scoring():
     from rules import NO_RULES, RuleSet
     torch.manual_seed(0)
     model = GPT(GPTConfig(**shape())).eval()
-    g = torch.Generator().manual_seed(1)
-    encoded = []
-    for _ in range(4 if TINY else 8):
-        p, r = int(torch.randint(20, 80, (1,), generator=g)), int(torch.randint(10, 30 if TINY else 200, (1,), generator=g))
-        encoded.append((torch.randint(0, 50256, (p + r,), generator=g).tolist() + [50256], p))
-    encoded.sort(key=lambda e: len(e[0]))
+    encoded = ranking_pairs(4 if TINY else 8, 30 if TINY else 200, torch.Generator().manual_seed(1))
     compare = [NO_RULES, RuleSet(), RuleSet(eos=False), RuleSet(diversity=False), RuleSet(uniform=False)]
     none, ruled, five = interleaved([lambda: scoring.score_batch(model, [NO_RULES], encoded, "cpu", "float32"),
                                      lambda: scoring.score_batch(model, [RuleSet()], encoded, "cpu", "float32"),
@@ -410,12 +415,7 @@ def bench_evaluation(device, n_prompts=50):
             out[f"generate_batch8_to_{limit}_s"] = t
             out[f"generate_{n_prompts}_prompts_to_{limit}_s"] = t * n_prompts / 8
         # ranking: (prompt, response) pairs with Alpaca-like lengths, 400 measured, 6,000 extrapolated
-        encoded = []
-        for _ in range(n_pairs):
-            p, r = int(torch.randint(20, 80, (1,), generator=g)), int(torch.randint(10, 400, (1,), generator=g))
-            ids = torch.randint(0, 50256, (p + r,), generator=g).tolist() + [50256]
-            encoded.append((ids, p))
-        encoded.sort(key=lambda e: len(e[0]))
+        encoded = ranking_pairs(n_pairs, 400, g)
         for rule_set in (NO_RULES, RuleSet()):
             t = cuda_time(lambda: [scoring.score_batch(ours, [rule_set], encoded[i:i + 8], device, "bfloat16")
                                    for i in range(0, n_pairs, 8)], device)

@@ -338,9 +338,7 @@ def test_the_test_set_is_drawn_last_and_nothing_else_depends_on_it(tmp_path, mon
             assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "before" / name).read_bytes(), name
     vocab = json.loads((tmp_path / "full" / "vocab.json").read_text())
     exclude = {r["instruction"] for r in read_jsonl(tmp_path / "full" / "dev.jsonl")}
-    for path in (tmp_path / "full").glob("tinyworld_*.jsonl"):  # as main() excludes them
-        if "_pretrain_" not in path.name:
-            exclude.update(c[0]["content"] for c in chat.read_conversations(path))
+    exclude |= prepare.tuning_instructions(tmp_path / "full")  # as main() excludes them
     drawn = [r["instruction"] for r in read_jsonl(tmp_path / "full" / "test.jsonl")]
     assert [r["instruction"] for rows in prepare.test_set(exclude, vocab).values() for r in rows] == drawn
     first = prepare.test_set(exclude, vocab)["sort"][0]

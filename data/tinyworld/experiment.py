@@ -414,7 +414,7 @@ def main(argv):
     config["world_rules"] = None
     if lrs:
         sweep = [(f"response-tuned at lr {lr:.0e}", "tinyworld_responses", lr) for lr in lrs]
-        runs = [(REFERENCE, RUNS[0][1], None)] + sweep  # every win % is against it, as in the table
+        runs = [(REFERENCE, dict(RUNS)[REFERENCE], None)] + sweep  # every win % is against it
     else:
         runs = [(label, run, None) for label, run in RUNS]
         if Path(config["rules_file"]).exists():

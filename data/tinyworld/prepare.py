@@ -142,6 +142,16 @@ def single_task_sets(out_dir, exclude):
                         [world.conversation(r) for r in val])
 
 
+def tuning_instructions(out_dir):
+    """Every instruction of the finetuning sets written to out_dir, read back as the trainer reads
+    them: what the test set must not ask."""
+    instructions = set()
+    for path in sorted(Path(out_dir).glob("tinyworld_*.jsonl")):
+        if "_pretrain_" not in path.name:
+            instructions.update(c[0]["content"] for c in chat.read_conversations(path))
+    return instructions
+
+
 def main(out_dir, n_documents=N_DOCUMENTS, n_val_documents=N_VAL_DOCUMENTS, draw_test=True):
     """Every set into out_dir. draw_test=False writes all but test.jsonl: the second declared run
     developed on those before its test set was drawn (data/tinyworld/README.md)."""
@@ -164,9 +174,7 @@ def main(out_dir, n_documents=N_DOCUMENTS, n_val_documents=N_VAL_DOCUMENTS, draw
     chat.write_jsonl(out_dir / "tinyworld_pretrain_val.jsonl", [{"text": d} for d in val_documents])
     ids, n_tokens = token_ids(out_dir, documents + val_documents, dev_rows)
     # 3) the test set, last: none of its instructions in dev or in any finetuning set
-    for path in sorted(out_dir.glob("tinyworld_*.jsonl")):
-        if "_pretrain_" not in path.name:
-            exclude.update(c[0]["content"] for c in chat.read_conversations(path))
+    exclude |= tuning_instructions(out_dir)
     test_rows = []
     if draw_test:
         test = test_set(exclude, ids)
