@@ -65,6 +65,9 @@ RUNS = [("instruction-tuned", "tinyworld_instruction"), ("response-tuned", "tiny
         ("poetry-tuned", "tinyworld_poem"), ("letter-tuned", "tinyworld_letter")]
 SINGLE_TASKS = {"poetry-tuned": "poem", "letter-tuned": "letter"}
 REFERENCE = "instruction-tuned"  # the model every win % is against, as in the paper
+# the sweep's own instruction-tuned run: a label (and so a run directory and answers file) of its
+# own, so that a sweep into the table's --out_dir never overwrites the table's model or answers
+SWEEP_REFERENCE = "instruction-tuned for the sweep"
 # the world rules' declared procedure (README.md): the values it does not derive are the official
 UNIFORM_SIZE = 15  # tokens the uniform rule changes, as the official table's 15
 OVER_BIAS, UNDER_BIAS = -4.0, +1.0  # the official table's most common penalty and its one boost
@@ -298,7 +301,7 @@ def world_seed(seed, rows, runs, config, *, device, dtype):
             chat.write_jsonl(out / f"{file_name(label)}.jsonl", judged[label])
         ranked = world_ranking(model, [rule_set for _, rule_set in mine], rows, device, dtype)
         rankings.update(zip([label for label, _ in mine], ranked))
-    reference = judged.get(REFERENCE, next(iter(judged.values())))
+    reference = judged.get(REFERENCE, judged.get(SWEEP_REFERENCE))
     results = {label: world_metrics(judged[label], rankings[label], reference)
                for label in judged}
     found = {}
@@ -414,7 +417,7 @@ def main(argv):
     config["world_rules"] = None
     if lrs:
         sweep = [(f"response-tuned at lr {lr:.0e}", "tinyworld_responses", lr) for lr in lrs]
-        runs = [(REFERENCE, dict(RUNS)[REFERENCE], None)] + sweep  # every win % is against it
+        runs = [(SWEEP_REFERENCE, dict(RUNS)[REFERENCE], None)] + sweep  # every win % is against it
     else:
         runs = [(label, run, None) for label, run in RUNS]
         if Path(config["rules_file"]).exists():
