@@ -168,11 +168,10 @@ def evaluate_models(init_from, specs, rows, ranked, config, *, device, dtype):
     alpaca = []
     for (spec, max_new_tokens), rule_set in zip(specs, rule_sets):
         settings = {**config, **GREEDY, "max_new_tokens": max_new_tokens}
-        outputs = []
-        starts = range(0, len(rows), batch_size)
-        for i in tqdm(starts, desc=f"{spec}: generating", file=sys.stderr):
-            prompts = [chat.encode_prompt(r["instruction"]) for r in rows[i:i + batch_size]]
-            outputs += respond(model, prompts, settings, rule_set, device, dtype)
+        prompts = [chat.encode_prompt(r["instruction"]) for r in rows]
+        with tqdm(total=len(rows), desc=f"{spec}: generating", file=sys.stderr) as bar:
+            outputs = respond(model, prompts, settings, rule_set, device, dtype,
+                              batch_size=batch_size, answered=lambda i, tokens: bar.update(1))
         metrics.append(proxies(outputs, [r["instruction"] for r in rows]))
         answers = []
         for r, out in zip(rows, outputs):

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
+from batching import Rows, with_rows
 from sampling import next_tokens
 from vocab import Vocabulary
 
@@ -209,7 +210,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cache, mask)
         if cache is not None and cache.slot is None:
-            cache.length += T  # a prompt read: T more slots filled (decoding: next_hidden sets it)
+            cache.length += T  # a prompt read: T more slots filled (decoding: decode_step sets it)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, targets=None):
@@ -228,148 +229,127 @@ class GPT(nn.Module):
     @varying_lengths()  # the key length grows every step
     def generate(self, prompts, max_new_tokens, greedy=False, temperature=1.0, top_k=None,
                  top_p=None, hook=None, callback=None, eos=EOT, use_cache=True, generator=None,
-                 compiled=False):
+                 compiled=False, batch_size=None, answered=None):
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to
         max_new_tokens. Returns one list of new tokens per prompt, ending at `eos` (included) if
         produced; eos=None runs out the room.
         hook(logprobs, generated) -> bias: called every step with the next-token log-probabilities
-        (B, 50257) and the tokens so far (B, n); the bias is added and the sum renormalized, a
-        product of experts (section 5).
-        callback(logprobs, tokens) sees each step's final log-probabilities and chosen tokens
-        (streaming).
+        (B, 50257) and the tokens chosen so far (B, steps); the bias is added and the sum
+        renormalized, a product of experts (section 5). callback(logprobs, tokens) sees each step's
+        final log-probabilities and tokens (streaming); answered(i, tokens) each answer as it ends.
 
-        A batch gives what each prompt gives alone: positions count from each prompt's first
-        token, and each row may run to the end of the context from its own length. With the cache,
-        each prompt is first read alone (prefill); then all rows decode together, one token a step,
-        each at its own position (next_hidden); compiled: through torch.compile, in fixed shapes
-        (static_cache)."""
-        # 1) the prompts as one left-padded batch, and each row's room: how many tokens it may add
-        idx, valid = self.left_pad(prompts)  # (B, P): the ids, and True where they are real
-        B, P = idx.shape
-        lengths = valid.sum(1)  # (B,): each prompt's length
-        # room (B,): up to max_new_tokens, and no further than the learned positions (block_size)
-        room = (self.config.block_size - lengths).clamp(max=max_new_tokens)
-        slots = int((lengths + room).max())  # the cache's length: the longest prompt and its room
-        generated = idx.new_empty((B, 0))  # (B, n): the new tokens, one column per step
-        # 2) read the prompts: with the cache, each one alone into its own row (prefill)
+        A batch gives what each prompt gives alone: each row holds its prompt from slot 0 and may
+        run to the end of the context from its own length. With the cache, a prompt is first read
+        alone into its row (prefill); then the rows decode together, each at its own position
+        (decode_step); compiled: through torch.compile, in fixed shapes (static_cache).
+        batch_size: rows decoded together (default: all). With fewer rows than prompts, row b
+        starts on prompt b and a row whose answer has ended takes the next prompt (continuous
+        batching); the hook, built for the first rows, then gets hook.restart(b, prompt,
+        generated)."""
+        self.check_prompts(prompts)
+        device = self.lm_head.weight.device
+        B = min(batch_size or len(prompts), len(prompts))
+        if B < len(prompts) and hook is not None and not hasattr(hook, "restart"):
+            raise TypeError("refilling rows (batch_size < the prompts) needs a hook with restart()")
+        # 1) each prompt's room: up to max_new_tokens, and no further than the learned positions
+        room = [min(max_new_tokens, self.config.block_size - len(p)) for p in prompts]
+        slots = max(len(p) + r for p, r in zip(prompts, room))  # the longest sequence
+        seq = torch.full((B, slots), EOT, dtype=torch.long, device=device)  # each row's tokens
+        cache = None  # without it, every step reads each row's whole sequence again
         if use_cache:
-            cache, h = self.prefill(prompts, idx, slots, compiled)  # h (B, C): at each last token
-        else:
-            cache = None  # every step reads the whole sequence again
-            h = self.next_hidden(idx, valid, generated)
-        # 3) decode: one token per row per step, until every row has stopped or run out of room
-        done = room == 0  # (B,)
-        for step in range(int(room.max())):
+            cache = self.new_cache(B, slots, compiled, device)
+        rows = Rows(prompts, room, B, answered)
+        generated = seq.new_empty((B, 64))  # (B, capacity): each step's tokens, a column a step
+        steps = 0
+
+        def take(b, i):
+            """Row b answers prompt i, or the next one with room (None: it idles). Returns, with
+            the cache, the hidden state (C,) at the prompt's end, read alone into the row's slots
+            0, 1, ... (slots past it may hold an earlier prompt's keys: finite, and masked)."""
+            p = rows.take(b, i, steps)
+            if p is None:
+                return None
+            seq[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+            if rows.owner[b] >= B and hook is not None:
+                hook.restart(b, p, generated[:, :steps])
+            if cache is not None:
+                return self.hidden(seq[b:b + 1, :len(p)], cache=cache.row(b))[0, -1]
+
+        # 2) read the first B prompts
+        h = with_rows(None, {b: take(b, b) for b in range(B)}, B)  # (B, C) at the newest tokens
+        arange = torch.arange(B, device=device)
+        # 3) decode: one token per row per step, while some row has a prompt to answer
+        while rows.busy():
+            if cache is None:
+                h = self.hidden(seq[:, :max(rows.pos) + 1])[arange, rows.positions(device)]
             logits = self.lm_head(h).float()  # (B, vocab_size): over the model's rows
             logprobs = self.vocab.full(F.log_softmax(logits, dim=-1))  # (B, 50257)
             if hook is not None:
-                logprobs = F.log_softmax(logprobs + hook(logprobs, generated), dim=-1)
+                bias = hook(logprobs, generated[:, :steps])
+                logprobs = F.log_softmax(logprobs + bias, dim=-1)
             nxt = next_tokens(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
-            nxt = torch.where(done, EOT, nxt)  # finished rows run on until all are done; cut below
+            nxt = nxt.masked_fill(rows.idle(device), EOT)  # idle rows: unread
             if callback is not None:
                 callback(logprobs, nxt)
-            generated = torch.cat([generated, nxt[:, None]], dim=1)
-            n = step + 1  # the tokens each row has now
-            done |= room == n  # out of room: the context's end, or max_new_tokens
-            if eos is not None:
-                done |= nxt == eos
-            if bool(done.all()):
-                break
-            h = self.next_hidden(idx, valid, generated, cache, compiled)  # (B, C) at the newest
-        # 4) cut each row at its room, and after its first `eos`
-        rows = []
-        for row, r in zip(generated.tolist(), room.tolist()):
-            row = row[:r]
-            if eos is not None and eos in row:
-                row = row[:row.index(eos) + 1]
-            rows.append(row)
-        return rows
+            if steps == generated.size(1):  # double the capacity
+                generated = torch.cat([generated, torch.empty_like(generated)], dim=1)
+            generated[:, steps] = nxt
+            steps += 1
+            # 4) rows whose answer ends here (eos, or out of room) are done; the others move on
+            stopped = (nxt == eos).tolist() if eos is not None else [False] * B  # a wait a step
+            ended = rows.step(stopped, steps, generated)
+            new = rows.positions(device)  # (B,)
+            seq[arange, new] = nxt  # (an ended or idle row's last slot is rewritten: unread)
+            if cache is not None and len(ended) < sum(i is not None for i in rows.owner):
+                h = self.decode_step(nxt, rows.pos, new, cache, compiled)
+            # 5) each ended row takes the next waiting prompt, or idles
+            h = with_rows(h, {b: take(b, None) for b in ended}, B)
+        return rows.answers
 
-    def left_pad(self, prompts):
-        """The prompts as one batch, right-aligned: idx (B, P), and valid (B, P), False on the
-        padding in front of the shorter prompts. Refuses an empty prompt, one longer than the
-        context, or unknown ids."""
-        device = self.lm_head.weight.device
-        lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-        P = int(lengths.max())
-        if int(lengths.min()) == 0:
+    def check_prompts(self, prompts):
+        """Refuse an empty prompt, one longer than the context, or ids the vocabulary lacks."""
+        if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
-        if P > self.config.block_size:
+        longest = max(len(p) for p in prompts)
+        if longest > self.config.block_size:
             context = self.config.block_size
-            raise ValueError(f"prompt of {P} tokens is longer than the context ({context})")
-        tokens = []
-        for p in prompts:
-            tokens.extend(p)
-        unknown = self.vocab.unknown(tokens)
+            raise ValueError(f"prompt of {longest} tokens is longer than the context ({context})")
+        unknown = self.vocab.unknown(t for p in prompts for t in p)
         if unknown:
             raise ValueError(f"the prompt has tokens this model's vocabulary lacks: {unknown[:10]}")
-        idx = torch.full((len(prompts), P), EOT, dtype=torch.long, device=device)  # padding: masked
-        for b, p in enumerate(prompts):
-            idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        starts = P - lengths  # (B,): where each prompt begins in its row
-        valid = torch.arange(P, device=device)[None, :] >= starts[:, None]  # (B, P)
-        return idx, valid
 
-    def prefill(self, prompts, idx, slots, static=False):
-        """(cache, h): a KVCache of `slots` a row (static: static_cache) holding the prompts, each
-        read alone into its row's first slots; h (B, C) is the hidden state at each prompt's last
-        token."""
-        B, P = idx.shape
-        kind = idx.device.type  # the cache holds keys and values in the dtype the layers compute in
+    def new_cache(self, B, slots, static, device):
+        """A zeroed KVCache of B rows and `slots` slots (static: static_cache's, the whole context),
+        in the dtype the layers compute in."""
+        kind = torch.device(device).type
         if torch.is_autocast_enabled(kind):
             dtype = torch.get_autocast_dtype(kind)
         else:
             dtype = self.lm_head.weight.dtype
         if static:
-            cache = self.static_cache(B, idx.device, dtype)
-        else:
-            cache = KVCache.empty(self.config, B, slots, idx.device, dtype)
-        last = []  # (1, C) a prompt: the hidden state at its last token
-        for b, p in enumerate(prompts):
-            prompt = idx[b:b + 1, P - len(p):]  # (1, len(p)): the row without its padding
-            last.append(self.hidden(prompt, cache=cache.row(b))[:, -1])
-        return cache, torch.cat(last)
+            return self.static_cache(B, device, dtype)
+        return KVCache.empty(self.config, B, slots, device, dtype)
 
-    def next_hidden(self, idx, valid, generated, cache=None, compiled=False):
-        """(B, C): the hidden state at each row's newest token, once `generated` (B, n) follows the
-        left-padded prompts idx. With the cache (which holds all but the newest token) only that
-        token is read; without, the whole sequence is read again. Positions count from each
-        prompt's first real token; a row that ran out of room is done, and its position stays at
-        the last one (its tokens are cut off)."""
-        last = self.config.block_size - 1  # the last learned position
-        padded = not bool(valid.all())  # some prompt is shorter than the longest
-        P = idx.size(1)
-        n = generated.size(1)
-        if cache is not None:
-            # one step's cache state, all set here: where each row's new token goes, what is read
-            pos = (valid.sum(1) + n - 1).clamp(max=last)  # (B,): the newest token's, its slot
-            slots = cache.k[0].size(2)
-            cache.slot = pos
-            if compiled:
-                cache.length = slots  # fixed shapes: every slot is read; unreached ones are masked
-            else:
-                cache.length = min(P + n, slots)  # the slots filled so far
-            seen = torch.arange(cache.length, device=pos.device) <= pos[:, None]  # (B, Tk)
-            mask = seen[:, None, None, :]  # (B, 1, 1, Tk)
-            if not compiled:
-                if not padded:  # one query that may see every key needs no mask: the fast kernels
-                    mask = None
-                return self.hidden(generated[:, -1:], pos[:, None], cache, mask)[:, -1]
-            # fixed strides: one graph
-            newest = generated[:, -1:].clone(memory_format=torch.contiguous_format)  # (B, 1)
-            # a new step: the last step's graph outputs are spent
-            torch.compiler.cudagraph_mark_step_begin()
-            return self.compiled_hidden(newest, pos[:, None], cache, mask)[:, -1]
-        real = torch.ones_like(generated, dtype=torch.bool)  # (B, n): generated tokens are real
-        keys = torch.cat([valid, real], dim=1)  # (B, P + n): True on the real keys
-        pos = (keys.cumsum(1) - 1).clamp(0, last)  # (B, P + n)
-        mask = None
-        if padded:  # (B, 1, T, T): real keys up to yourself; a padding query sees itself (no NaN)
-            i = torch.arange(keys.size(1), device=keys.device)
-            causal = i[None, :] <= i[:, None]  # (T, T)
-            itself = torch.eye(len(i), dtype=torch.bool, device=keys.device)  # (T, T)
-            mask = (keys[:, None, None, :] & causal) | itself
-        return self.hidden(torch.cat([idx, generated], dim=1), pos, None, mask)[:, -1]
+    def decode_step(self, newest, pos, new, cache, compiled=False):
+        """(B, C): the hidden state at each row's newest token (B,), whose position is `pos` (on the
+        host) and `new` (on the device): its keys and values go to that slot of the cache, which
+        holds the rows' earlier tokens, each from slot 0. Every row attends to its slots up to its
+        own position."""
+        cache.slot = new
+        if compiled:
+            cache.length = cache.k[0].size(2)  # fixed shapes: every slot is read, unreached masked
+        else:
+            cache.length = max(pos) + 1  # the slots filled so far
+        seen = torch.arange(cache.length, device=new.device) <= new[:, None]  # (B, Tk)
+        mask = seen[:, None, None, :]  # (B, 1, 1, Tk)
+        if not compiled:
+            if len(set(pos)) == 1:  # every row sees every key: no mask, the fast kernels
+                mask = None
+            return self.hidden(newest[:, None], new[:, None], cache, mask)[:, -1]
+        newest = newest[:, None].clone(memory_format=torch.contiguous_format)  # fixed strides
+        # a new step: the last step's graph outputs are spent
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled_hidden(newest, new[:, None], cache, mask)[:, -1]
 
     def static_cache(self, B, device, dtype):
         """The block_size-slot cache of compiled decoding, zeroed; kept on the model with the

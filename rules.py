@@ -305,20 +305,36 @@ class RuleState:
         else:
             self.base = torch.zeros(VOCAB, device=device)
         self.progress = tag_ends(prompts, device)  # per tag, (B,)
-        # per row: where the diversity rule starts counting, and where the response starts
-        starts = [rule_starts(prompt, len(prompt), rule_set) for prompt in prompts]
-        counts = [len(prompt) - start[1] for prompt, start in zip(prompts, starts)]
-        self.n = torch.tensor(counts, dtype=torch.long, device=device)  # (B,) response tokens
+        self.n = torch.zeros(B, dtype=torch.long, device=device)  # (B,) response tokens
         # (B, V) the ids the diversity rule penalizes
         self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)
-        for b, (prompt, (diversity_start, _)) in enumerate(zip(prompts, starts)):
-            self.seen[b, prompt[diversity_start:]] = True
         self.bias = self.base.repeat(B, 1)  # (B, V): the rule scores for the next token
-        if rule_set.diversity:
-            self.bias -= rule_set.diversity_penalty * self.seen
         self.eot = self.bias[:, EOT].clone()  # (B,) <|endoftext|>'s score without the EOS ramp
-        self.ramp()
         self.steps = 0
+        for b, prompt in enumerate(prompts):
+            self.start(b, prompt)
+
+    def start(self, b, prompt):
+        """Row b's state after `prompt` alone: where the diversity rule starts counting and the
+        response starts (rule_starts), and the ids it has seen since."""
+        diversity_start, response_start = rule_starts(prompt, len(prompt), self.rule_set)
+        for k, progress in zip(self.progress, tag_ends([prompt])):
+            k[b] = progress[0]
+        self.n[b] = len(prompt) - response_start
+        self.seen[b] = False
+        self.seen[b, prompt[diversity_start:]] = True
+        self.bias[b] = self.base
+        if self.rule_set.diversity:
+            self.bias[b] -= self.rule_set.diversity_penalty * self.seen[b]
+        self.eot[b] = self.bias[b, EOT]
+        self.ramp()
+
+    def restart(self, b, prompt, generated):
+        """Row b now answers `prompt` (continuous batching, GPT.generate), after the tokens
+        `generated` (B, steps): they are taken in first, so that the step's token of the row's old
+        prompt does not count for its new one."""
+        self.catch_up(generated)
+        self.start(b, prompt)
 
     def ramp(self):
         """<|endoftext|>'s score: the others' plus the EOS ramp after n tokens (the exercise's
@@ -355,11 +371,14 @@ class RuleState:
     def scores(self):
         return self.bias  # (B, V), kept by the state: read it, do not change it
 
-    def __call__(self, logprobs, generated):
-        # generated (B, n): all tokens so far; only the newest one is new to us
+    def catch_up(self, generated):
+        # generated (B, n): all tokens so far; only the newest one can be new to us
         assert generated.size(1) in (self.steps, self.steps + 1), "one RuleState per generate call"
         if generated.size(1) == self.steps + 1:
             self.update(generated[:, -1])
+
+    def __call__(self, logprobs, generated):
+        self.catch_up(generated)
         # the rule LM's log-probabilities up to its normalizer, a per-row constant that generate's
         # renormalization of the product removes: so the hook costs one add of this tensor, no
         # full-vocabulary op of its own
@@ -464,13 +483,16 @@ def product_of_experts(logits, rule_scores):
 GREEDY = {"greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
-def respond(model, prompts, config, rule_set, device, dtype, stream=None):
+def respond(model, prompts, config, rule_set, device, dtype, stream=None, batch_size=None,
+            answered=None):
     """New tokens for each prompt (lists of token ids) from model.generate, with the rules (a
     RuleSet; NO_RULES for plain GPT-2) as its per-step hook; `config` holds sample.py's decoding
-    flags. stream(token), if given, sees each token of the first prompt's answer as it comes."""
+    flags. batch_size rows decode together (default: all), each taking the next prompt when its
+    answer ends; answered(i, tokens) sees each answer as it ends. stream(token), if given, sees each
+    token of the first prompt's answer as it comes."""
     hook = None
-    if rule_set.on:
-        hook = RuleState(prompts, rule_set, device)
+    if rule_set.on:  # built for the first rows; generate restarts a row that takes a new prompt
+        hook = RuleState(prompts[:batch_size or len(prompts)], rule_set, device)
     callback = None
     if stream:
         def callback(logprobs, tokens):
@@ -480,7 +502,8 @@ def respond(model, prompts, config, rule_set, device, dtype, stream=None):
         return model.generate(prompts, config["max_new_tokens"], greedy=config["greedy"],
                               temperature=config["temperature"], top_k=config["top_k"] or None,
                               top_p=config["top_p"], hook=hook, callback=callback,
-                              generator=generator, compiled=config["compile"])
+                              generator=generator, compiled=config["compile"],
+                              batch_size=batch_size, answered=answered)
 
 
 # ----------------------------------------------------------------------------- the README's figure

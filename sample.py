@@ -13,9 +13,11 @@ Only the response is printed to stdout (streamed when stdout is a terminal); eve
 to stderr. Decoding is greedy by default, as in the paper's evaluation; --greedy=False samples with
 --temperature, --top_k and --top_p.
 
-With --instructions, each answer is appended to OUT.partial.jsonl as soon as it is written, so
-Ctrl-C (exit 130), SIGTERM (143) or a crash loses at most the batch being generated; the same
-command again resumes from there. The AlpacaEval JSON list goes to OUT at the end and the partial
+With --instructions, --batch_size answers are generated together, and a row whose answer ends
+takes the next instruction at once (continuous batching). Each answer is appended to
+OUT.partial.jsonl as soon as it and every earlier one are done, so Ctrl-C (exit 130), SIGTERM (143)
+or a crash loses at most the answers under way (and those that ended after them); the same command
+again resumes from there. The AlpacaEval JSON list goes to OUT at the end and the partial
 file is removed. A prompt that would leave the answer less than a quarter of the context (or
 --max_new_tokens, if fewer) is cut from the left, keeping the question and the tags that ask for
 the answer; the cuts are counted.
@@ -45,7 +47,8 @@ DEFAULTS = {
     "instructions": ("", "JSONL with an 'instruction' per line, or AlpacaEval's JSON list: answer "
                          "them all"),
     "out": ("outputs.json", "with --instructions: where the AlpacaEval-format answers go"),
-    "batch_size": (8, "with --instructions: prompts generated together"),
+    "batch_size": (8, "with --instructions: answers generated together (a row whose answer ends "
+                      "takes the next instruction)"),
     "rules": ("none", "rules multiplied in: eos,diversity,uniform (a bare --rules = all), or "
                       "none"),
     "eos_hold": (False, "keep the EOS bias at +15 after 250 tokens (the official code drops it to "
@@ -193,30 +196,36 @@ def read_partial(path, rows, settings):
 
 
 def generate_answers(model, rows, answers, file, *, config, rule_set, device, dtype, generator):
-    """Answer rows[len(answers):] in batches, appending each answer to `answers` and to `file`
-    (flushed per batch) as it comes; `generator` names the model in each answer. Returns how many
-    prompts were cut to fit the context."""
+    """Answer rows[len(answers):], --batch_size rows decoding together, a row taking the next
+    instruction as soon as its answer ends; each answer is appended to `answers` and to `file`
+    (flushed) in the instructions' order, as soon as every earlier one is written too; `generator`
+    names the model in each answer. Returns how many prompts were cut to fit the context."""
+    first = len(answers)
+    prompts = []
     cut = 0
-    bar = tqdm(total=len(rows), initial=len(answers), desc="generating", unit="answer",
-               file=sys.stderr)
+    for row in rows[first:]:
+        prompt, was_cut = fit_prompt(chat.encode_prompt(row["instruction"]),
+                                     model.config.block_size, config["max_new_tokens"])
+        prompts.append(prompt)
+        cut += was_cut
+    ended = {}  # answers that ended before an earlier one: written once it is
+    bar = tqdm(total=len(rows), initial=first, desc="generating", unit="answer", file=sys.stderr)
+
+    def answered(i, tokens):
+        ended[first + i] = tokens
+        while len(answers) in ended:
+            row = rows[len(answers)]
+            answers.append({"instruction": row["instruction"],
+                            "output": chat.decode(ended.pop(len(answers))).strip(),
+                            "generator": generator,
+                            "dataset": row["dataset"]})
+            file.write(json.dumps(answers[-1], ensure_ascii=False) + "\n")
+        file.flush()
+        bar.update(1)
     with bar:
-        for i in range(len(answers), len(rows), config["batch_size"]):
-            batch = rows[i:i + config["batch_size"]]
-            prompts = []
-            for row in batch:
-                prompt, was_cut = fit_prompt(chat.encode_prompt(row["instruction"]),
-                                             model.config.block_size, config["max_new_tokens"])
-                prompts.append(prompt)
-                cut += was_cut
-            outs = respond(model, prompts, config, rule_set, device, dtype)
-            for row, out in zip(batch, outs):
-                answers.append({"instruction": row["instruction"],
-                                "output": chat.decode(out).strip(),
-                                "generator": generator,
-                                "dataset": row["dataset"]})
-                file.write(json.dumps(answers[-1], ensure_ascii=False) + "\n")
-            file.flush()
-            bar.update(len(batch))
+        if prompts:
+            respond(model, prompts, config, rule_set, device, dtype,
+                    batch_size=config["batch_size"], answered=answered)
     return cut
 
 

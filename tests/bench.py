@@ -5,7 +5,9 @@ Speed against HF transformers, measured in one run on the same machine and repor
     python tests/bench.py train         # a train step (forward + backward + AdamW), gpt2 shape, CPU fp32; fused
                                         # AdamW; micro-batches grouped by length on LIMA's lengths
     python tests/bench.py rules         # decoding with all rules vs none, quiet and with the other core busy
-    python tests/bench.py gpu [OUT.json] # on a CUDA GPU: train steps gpt2..gpt2-xl, decoding, the evaluation's cost
+    python tests/bench.py gpu [OUT.json] # on a CUDA GPU: scoring with the rules, decoding precision, continuous
+                                        # batching, decoding, the evaluation's cost, train steps gpt2..gpt2-xl;
+                                        # --only=refill,decode: those sections (tests/gpu_check.py: with the tests)
     python tests/bench.py all --tiny     # every CPU bench on a tiny shape in seconds (what the tests run);
                                         # `gpu --tiny` likewise on a GPU (tests/test_cuda.py)
 
@@ -311,10 +313,12 @@ SHAPES = {"tiny": (2, 2, 64), "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 102
 
 
 def cuda_time(fn, device):
-    torch.cuda.synchronize(device)
+    """Seconds fn takes, its GPU work included (on a CPU, as timed: the GPU sections' code runs there in tests)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda device: None)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -423,7 +427,108 @@ def bench_evaluation(device, n_prompts=50):
     return out
 
 
-def bench_gpu(path=None):
+@torch.no_grad()
+def bench_scoring_gpu(device):
+    """Item 1 and 3 of issue 23 on a GPU: scoring 400 ranking pairs (6,000 extrapolated) with no rules, all
+    rules, and the five rule sets of --compare in one pass (rules.ForcedRules: the rules for every position in
+    closed form), in bf16 autocast over float32 weights (what evaluate.py runs), in bf16 weights, and in
+    float32; and how many of the ranking's comparisons (own response vs another's) bf16 turns the other way
+    from float32 (random weights: every score is near the uniform one, so this is an upper bound)."""
+    import scoring
+    from rules import NO_RULES, RuleSet
+    ours, _ = gpt2_pair()
+    ours = ours.to(device)
+    n_pairs = 16 if TINY else 400
+    encoded = ranking_pairs(n_pairs, 400, torch.Generator().manual_seed(2))
+    compare = [NO_RULES, RuleSet(), RuleSet(eos=False), RuleSet(diversity=False), RuleSet(uniform=False)]
+    out = {"pairs": n_pairs}
+
+    def score_all(sets, dtype):  # per batch of 8, per rule set, each response's (T,) log-probs
+        return [scoring.score_batch(ours, sets, encoded[i:i + 8], device, dtype) for i in range(0, n_pairs, 8)]
+    means = {}
+    for label, weights, dtype in (("autocast_bf16", torch.float32, "bfloat16"), ("float32", torch.float32, "float32"),
+                                  ("bf16_weights", torch.bfloat16, "float32")):
+        ours.to(weights)
+        for name, sets in (("no_rules", [NO_RULES]), ("rules", [RuleSet()]), ("compare_five", compare)):
+            score_all(sets, dtype)  # warm-up
+            t = cuda_time(lambda: score_all(sets, dtype), device)  # once after the warm-up: a GPU is lent for minutes
+            out[f"{label}_{name}_6000_pairs_s"] = t * 6000 / n_pairs
+        means[label] = [float(r.mean()) for batch in score_all([NO_RULES], dtype) for r in batch[0]]
+        out[f"{label}_rules_ratio"] = out[f"{label}_rules_6000_pairs_s"] / out[f"{label}_no_rules_6000_pairs_s"]
+    ours.float()
+    half = n_pairs // 2  # comparisons: response i vs response i + half, as the ranking compares scores
+    for label in ("autocast_bf16", "bf16_weights"):
+        flips = sum((means[label][i] > means[label][i + half]) != (means["float32"][i] > means["float32"][i + half])
+                    for i in range(half))
+        out[f"{label}_comparisons_flipped_vs_float32"] = f"{flips}/{half}"
+    return out
+
+
+@torch.no_grad()
+def bench_decode_precision(device, new_tokens=128):
+    """Item 3: greedy decoding at batch 1 and 8 in float32, bf16 autocast over float32 weights, and bf16 weights,
+    eager, and at batch 1 compiled (CUDA graphs): tokens/s, and whether bf16's tokens are float32's."""
+    import cli
+    ours, _ = gpt2_pair()
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for batch in (1, 8):
+        prompts = [torch.randint(0, 50257, (32,), generator=g).tolist() for _ in range(batch)]
+        reference = None
+        for label, weights, dtype in (("float32", torch.float32, "float32"), ("autocast_bf16", torch.float32,
+                                      "bfloat16"), ("bf16_weights", torch.bfloat16, "float32")):
+            model = ours.to(device=device, dtype=weights)
+            for compiled in (False, True) if batch == 1 else (False,):  # compiling costs ~10 s a graph
+                def run():
+                    with cli.autocast(device, dtype):
+                        return model.generate(prompts, new_tokens, greedy=True, eos=None, compiled=compiled)
+                tokens = run()  # warm-up, and compilation
+                t = min(cuda_time(run, device) for _ in range(2))
+                reference = reference or tokens
+                rows.append({"batch": batch, "precision": label, "compiled": compiled,
+                             "tok_s": batch * new_tokens / t,
+                             "rows_same_as_float32_eager": sum(a == b for a, b in zip(tokens, reference)) / batch})
+                print(rows[-1], flush=True)
+    return rows
+
+
+@torch.no_grad()
+def bench_refill(device):
+    """Item 4: continuous batching against the old fixed chunks (each chunk of batch_size prompts runs until its
+    longest answer ends), bf16 autocast as evaluate.py. Random weights never stop, so answers end at the
+    context's end, as the official evaluation generates: prompts of mixed lengths give each its own room. The 50
+    eval prompts with 24 to 1,000 prompt tokens (rooms 1,000 to 24), and 805 (AlpacaEval's count) with rooms of
+    8 to 64 new tokens at the end of 960 to 1,016 prompt tokens' context."""
+    import cli
+    ours, _ = gpt2_pair()
+    ours = ours.to(device)
+    block = ours.config.block_size
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for n, lo, hi, batches in ((50, 24, 1000, (8,)), (805, block - 64, block - 8, (8, 32))):
+        if TINY:
+            n, lo, hi = min(n, 12), block - 24, block - 4
+        lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+        prompts = [torch.randint(0, 50256, (k,), generator=g).tolist() for k in lengths]
+        for batch in batches:
+            with cli.autocast(device, "bfloat16"):
+                def chunks():
+                    return [a for i in range(0, n, batch) for a in ours.generate(prompts[i:i + batch], block,
+                                                                                 greedy=True, eos=None)]
+
+                def refilled():
+                    return ours.generate(prompts, block, greedy=True, eos=None, batch_size=batch)
+                t_chunks = cuda_time(chunks, device)
+                answers = []
+                t_refill = cuda_time(lambda: answers.append(refilled()), device)
+            tokens = sum(len(a) for a in answers[0])
+            out.append({"prompts": n, "batch": batch, "new_tokens": tokens, "chunks_s": t_chunks,
+                        "refilled_s": t_refill, "speedup": t_chunks / t_refill})
+            print(out[-1], flush=True)
+    return out
+
+
+def bench_gpu(path=None, only=None):
     """Every GPU figure in one command. Each section is written to `path` as soon as it is measured, and a
     section that fails records its error and lets the rest run: a GPU is lent for minutes, and a run cut short
     must still bring back what it measured."""
@@ -435,6 +540,8 @@ def bench_gpu(path=None):
     print(report, flush=True)
 
     def section(key, measure, row=False):
+        if only and key not in only:  # --only=a,b: those sections alone
+            return
         t0 = time.perf_counter()
         try:
             result = measure()
@@ -452,15 +559,19 @@ def bench_gpu(path=None):
                 json.dump(report, f, indent=2)
             os.replace(f"{path}.tmp", path)
 
+    # the figures issue 23 left unmeasured first, so that a run cut short still brings them back
+    section("scoring", lambda: bench_scoring_gpu(device))
+    section("decode_precision", lambda: bench_decode_precision(device, new_tokens=8 if TINY else 128))
+    section("refill", lambda: bench_refill(device))
+    section("decode", lambda: bench_decode(device, new_tokens=16 if TINY else 256))
+    section("evaluation", lambda: bench_evaluation(device))
     runs = [("tiny", False), ("tiny", True)] if TINY else \
         [("gpt2", False), ("gpt2", True), ("gpt2-medium", False), ("gpt2-large", False), ("gpt2-xl", False)]
     for name, compile in runs:
         section("train", lambda: bench_train_step(name, device, compile=compile,
                                                   **({"T": 64, "per_step": 8} if TINY else {})), row=True)
-    section("decode", lambda: bench_decode(device, new_tokens=16 if TINY else 256))
-    section("evaluation", lambda: bench_evaluation(device))
-    errors += [f"decode batch {row['batch']} compiled" for row in report["decode"] if "compiled_error" in row] \
-        if isinstance(report["decode"], list) else []
+    errors += [f"decode batch {row['batch']} compiled" for row in report.get("decode", []) if "compiled_error" in row] \
+        if isinstance(report.get("decode"), list) else []
     if errors:  # measured what it could, but must not pass as a complete run
         sys.exit(f"error: the GPU bench failed in: {', '.join(errors)} (the report says why)")
 
@@ -475,7 +586,8 @@ def main(argv):
     args = [a for a in argv if not a.startswith("--")]
     which = args[0] if args else "generate"
     if which == "gpu":
-        return bench_gpu(*args[1:])
+        only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")), None)
+        return bench_gpu(*args[1:], only=only)
     if which not in (*CPU_BENCHES, "all"):
         sys.exit(f"error: unknown bench {which!r}: expected {', '.join(CPU_BENCHES)}, all or gpu")
     report = {name: bench() for name, bench in CPU_BENCHES.items() if which in (name, "all")}

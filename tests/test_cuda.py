@@ -19,7 +19,7 @@ from conftest import ROOT, assert_close, assert_losses_close, assert_same_genera
 import train
 from cli import autocast
 from model import GPT, GPTConfig
-from rules import RuleSet, RuleState
+from rules import ASSISTANT_TAG, RuleSet, RuleState
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TINY_RUN = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=128", "--data=sample",
@@ -92,6 +92,24 @@ def test_compiled_static_decoding_with_cuda_graphs_equals_eager():
     model.float()
     assert_same_generations(model.generate(prompts, 30, greedy=True, eos=None, compiled=True),
                             model.generate(prompts, 30, greedy=True, eos=None), prompts, last_logits(model))
+
+
+def test_refilled_rows_with_cuda_graphs_equal_each_prompt_alone():
+    """Continuous batching on CUDA (issue 23): rows that end take the next prompt, read into their slots of the
+    CUDA graph's static cache between replays, the rules restarted on the device; eager and compiled, every
+    prompt's answer is its answer alone. The EOS ramp over a few tokens, started part way by answers begun in the
+    prompts, ends them at different steps."""
+    _, model = model_pair(seed=5, spread=True)
+    rule_set = RuleSet(eos_max=30.0, eos_length=6)
+    prompts = [[5, 6, 7] + ASSISTANT_TAG + [9] * k for k in (0, 4, 1, 3, 0, 2, 5)]
+    alone = [model.generate([p], 40, greedy=True, hook=RuleState([p], rule_set, "cuda"))[0] for p in prompts]
+    assert len({len(a) for a in alone}) >= 3, alone
+    for compiled in (False, True):
+        order = []
+        got = model.generate(prompts, 40, greedy=True, hook=RuleState(prompts[:3], rule_set, "cuda"),
+                             compiled=compiled, batch_size=3, answered=lambda i, tokens: order.append(i))
+        assert_same_generations(got, alone, prompts, last_logits(model, rule_set))
+        assert sorted(order) == list(range(len(prompts))) and order != sorted(order), order
 
 
 def test_fused_adamw_step_equals_the_default():
@@ -171,3 +189,6 @@ def test_the_gpu_bench_measures_on_a_tiny_shape(tmp_path):
     assert [row["batch"] for row in report["decode"]] == [1, 8, 64]
     assert all(row["ratio"] > 0 and row["compiled_ratio_vs_hf"] > 0 for row in report["decode"])
     assert all(v > 0 for v in report["evaluation"].values())
+    assert report["scoring"]["pairs"] == 16 and report["scoring"]["float32_rules_ratio"] > 0
+    assert len(report["decode_precision"]) == 9 and all(row["tok_s"] > 0 for row in report["decode_precision"])
+    assert [row["batch"] for row in report["refill"]] == [8, 8, 32] and all(row["speedup"] > 0 for row in report["refill"])

@@ -1,4 +1,5 @@
 """rules.py: exact rule arithmetic, the incremental state against the from-scratch reference, the sampler."""
+import functools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import chat
 from model import GPT
-from rules import (ASSISTANT_TAG, ForcedRules, DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, UNIFORM, USER_TAG, VOCAB,
+from rules import (respond, ASSISTANT_TAG, ForcedRules, DIVERSITY_ONLY, EOS_ONLY, EOT, NO_RULES, UNIFORM_ONLY, UNIFORM, USER_TAG, VOCAB,
                    RuleState, RuleSet, after_tag, eos_bias, parse_rules, product_of_experts, rule_bias,
                    uniform_bias)
 
@@ -306,7 +307,12 @@ def test_bad_values_are_refused_in_one_line_naming_the_field(field, value):
 
 @pytest.fixture(scope="module")
 def model(small_hf):
-    return GPT.from_pretrained(small_hf[1]).eval()
+    return loaded(small_hf[1])
+
+
+@functools.cache
+def loaded(path):
+    return GPT.from_pretrained(path).eval()
 
 
 def test_no_rules_is_plain_generation(model):
@@ -407,3 +413,106 @@ def test_rules_figure(tmp_path):
     assert (tmp_path / "rules.png").stat().st_size > 10_000 and "EOS bias" in r.stdout
     lines = r.stdout.splitlines()
     assert lines[1].split()[-3:] == ["+0.00", "+0.00", "+0.00"] and lines[2].split()[-1] == "+0.06"  # n = 0, 1
+
+
+REFILL_CONFIG = {"max_new_tokens": 0, "greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
+                 "compile": False}
+
+
+def question(rng, k):
+    """A prompt with the chat tags (k % 3 == 0: raw text, no tags; k % 3 == 1: a second turn), from random words,
+    often with the start of an answer after the assistant tag: the EOS ramp then starts part way up, so answers
+    end at different steps."""
+    def words(n):
+        return " ".join(rng.choice(["rain", "poem", "list", "three", "colors", "why", "sky", "blue", "What"])
+                        for _ in range(n))
+    text = words(rng.randint(1, 12))
+    if k % 3 == 0:
+        return chat.encode(text)
+    if k % 3 == 1:
+        prompt = chat.encode_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": text},
+                                     {"role": "user", "content": text[::-1]}])
+    else:
+        prompt = chat.encode_prompt(text)
+    return prompt + chat.encode(words(rng.randint(0, 6)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(count=st.integers(1, 9), batch=st.integers(1, 4), max_new=st.integers(1, 50), eos_length=st.integers(2, 30),
+       options=st.sampled_from([{}, dict(response_only=True), dict(fixed_tags=True), dict(uniform=False),
+                                dict(eos=False), dict(eos=False, diversity=False, uniform=False)]),
+       seed=st.integers(0, 10 ** 6))
+def test_refilled_rows_give_each_prompt_its_answer_alone(small_hf, count, batch, max_new, eos_length, options,
+                                                         seed):
+    """Continuous batching (respond's batch_size): a row whose answer ends takes the next prompt, its cache slots
+    and its rule state started over; every prompt's answer is its answer alone, whatever the batch size, and each
+    answer is reported once, as it ends. The EOS ramp over a few tokens ends answers at different steps, so rows
+    are refilled mid-run (and a prompt that fills the context is answered with nothing)."""
+    import random
+    model = loaded(small_hf[1])
+    rng = random.Random(seed)
+    prompts = [question(rng, k) for k in range(count)]
+    if rng.random() < 0.3:
+        prompts[rng.randrange(count)] = [rng.randrange(VOCAB - 1) for _ in range(model.config.block_size)]
+    rule_set = RuleSet(eos_max=30.0, eos_length=eos_length, **options)
+    config = {**REFILL_CONFIG, "max_new_tokens": max_new}
+    alone = [respond(model, [p], config, rule_set, "cpu", "float32")[0] for p in prompts]
+    order = []
+    got = respond(model, prompts, config, rule_set, "cpu", "float32", batch_size=batch,
+                  answered=lambda i, tokens: order.append((i, tokens)))
+    assert_same_generations(got, alone, prompts, last_logits(model, rule_set))
+    assert sorted(i for i, _ in order) == list(range(count))  # each answer once
+    assert all(got[i] == tokens for i, tokens in order)
+
+
+def test_refilling_is_real_and_needs_a_restartable_hook(model):
+    """Answers of different lengths end at different steps, and a later prompt's answer is reported before an
+    earlier one's (it was started in a row freed mid-run); a hook without restart() is refused before any work.
+    The compiled step (fixed shapes) refills the same way."""
+    prompts = [chat.encode_prompt(q) + chat.encode(" sky" * k)  # answers begun: the EOS ramp starts at k
+               for q, k in (("Hi", 0), ("Write a poem called Rain", 6), ("List three colors please.", 1),
+                            ("Why is the sky blue?", 4), ("What", 2))]
+    order = []
+    rule_set = RuleSet(eos_max=30.0, eos_length=8)
+    config = {**REFILL_CONFIG, "max_new_tokens": 40}
+    alone = [respond(model, [p], config, rule_set, "cpu", "float32")[0] for p in prompts]
+    assert len({len(a) for a in alone}) >= 3, alone  # the ramp ends them at different steps
+    got = respond(model, prompts, config, rule_set, "cpu", "float32", batch_size=2,
+                  answered=lambda i, tokens: order.append(i))
+    assert_same_generations(got, alone, prompts, last_logits(model, rule_set))
+    assert order != sorted(order), order
+    compiled = respond(model, prompts, {**config, "compile": True}, rule_set, "cpu", "float32", batch_size=2)
+    assert_same_generations(compiled, alone, prompts, last_logits(model, rule_set))
+    with pytest.raises(TypeError, match="restart"):
+        model.generate(prompts, 5, hook=lambda logprobs, generated: 0 * logprobs, batch_size=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), options=st.sampled_from([{}, dict(response_only=True), dict(fixed_tags=True),
+                                                              dict(eos_hold=True), dict(eos_length=3)]))
+def test_a_restarted_row_is_a_fresh_state_for_its_new_prompt(seed, options):
+    """RuleState.restart(b, prompt, generated), as generate calls it after the step that ended row b's answer and
+    before the state has taken in that step's tokens: row b's scores are then exactly those of a state built for
+    the new prompt alone, fed the row's later tokens; the other rows go on as if nothing happened."""
+    import random
+    rng = random.Random(seed)
+    rule_set = RuleSet(**options)
+    pool = [EOT, 2061, 11, 12, 13, 14] + USER_TAG + ASSISTANT_TAG  # ids the rules act on, and the tags' pieces
+
+    def draw(n):
+        return [rng.choice(pool) for _ in range(n)]
+    B = rng.randint(1, 4)
+    prompts = [draw(rng.randint(1, 10)) for _ in range(B)]
+    steps = [torch.tensor(draw(B)) for _ in range(rng.randint(2, 30))]
+    b, at, new = rng.randrange(B), rng.randint(1, len(steps) - 1), draw(rng.randint(1, 10))
+    state, kept = RuleState(prompts, rule_set), RuleState(prompts, rule_set)
+    fresh = RuleState([new], rule_set)
+    for s in range(len(steps) + 1):
+        generated = torch.stack(steps[:s], 1) if s else torch.zeros(B, 0, dtype=torch.long)
+        if s == at:  # row b's answer ended at step `at`: the column just written is its old prompt's
+            state.restart(b, new, generated)
+        scores = state(None, generated)
+        others = [r for r in range(B) if r != b]
+        assert torch.equal(scores[others], kept(None, generated)[others])
+        if s >= at:
+            assert torch.equal(scores[b], fresh(None, generated[b:b + 1, at:])[0])

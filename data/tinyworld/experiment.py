@@ -77,11 +77,8 @@ OVER_BIAS, UNDER_BIAS = -4.0, +1.0  # the official table's most common penalty a
 def answer_tokens(model, rule_set, rows, device, dtype):
     """Greedy new tokens for every row's instruction in the chat format, at most LIMIT."""
     settings = {**GREEDY, "max_new_tokens": LIMIT, "seed": 0, "compile": False}
-    out = []
-    for i in range(0, len(rows), BATCH):
-        prompts = [chat.encode_prompt(r["instruction"]) for r in rows[i:i + BATCH]]
-        out += respond(model, prompts, settings, rule_set, device, dtype)
-    return out
+    prompts = [chat.encode_prompt(r["instruction"]) for r in rows]
+    return respond(model, prompts, settings, rule_set, device, dtype, batch_size=BATCH)
 
 
 def judge(model, rule_set, rows, device, dtype):

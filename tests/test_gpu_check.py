@@ -1,0 +1,50 @@
+"""tests/gpu_check.py, the one command for a GPU machine, on the CPU: its report from pytest's real JUnit XML and a
+bench report, and its refusal where there is no GPU."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+import gpu_check  # noqa: E402
+
+
+def test_the_report_names_each_test_and_tables_each_bench_section(tmp_path):
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n"
+        "def test_fine():\n    assert True\n"
+        "def test_broken():\n    assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA GPU')\ndef test_gpu():\n    pass\n")
+    xml = tmp_path / "tests.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                    str(tmp_path / "test_some.py")], capture_output=True, cwd=tmp_path)
+    tests = gpu_check.test_outcomes(xml)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
+    assert {t["name"]: t["outcome"] for t in tests["tests"]} == {"test_fine": "passed", "test_broken": "failed",
+                                                                 "test_gpu": "skipped"}
+    bench = {"device": "NVIDIA H200", "torch": "2.11.0",
+             "scoring": {"pairs": 400, "float32_rules_ratio": 1.23456},
+             "refill": [{"prompts": 50, "batch": 8, "speedup": 1.5}, {"prompts": 805, "batch": 32, "speedup": 2.25}],
+             "evaluation": {"error": "RuntimeError: out of | memory"}}
+    text = gpu_check.markdown({"started": "2026-12-04 13:00 UTC", "wall_s": 290.4, "tests": tests, "bench": bench,
+                               "bench_error": "exit 1"})
+    assert "1 passed, 1 failed, 1 skipped" in text and "one is not two" in text and "- device: NVIDIA H200" in text
+    assert "| float32_rules_ratio | 1.23 |" in text
+    assert "| prompts | batch | speedup |" in text and "| 805 | 32 | 2.25 |" in text
+    assert "| error | RuntimeError: out of / memory |" in text  # a cell cannot break the table
+    assert text.rstrip().endswith("bench: exit 1")
+    gpu_check.write(tmp_path, {"tests": tests, "bench": bench})
+    assert sorted(p.name for p in tmp_path.glob("gpu_report*")) == ["gpu_report.json", "gpu_report.md"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the check would run")
+def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: no CUDA GPU here") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--fast"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("usage:"), r.stderr
