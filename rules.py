@@ -205,6 +205,20 @@ def after_tag(ids, tag):
     return None
 
 
+def after_tags(ids, tag, ends, default):
+    """after_tag at many prefixes at once: for each row of ids (B, L) (-1 after its tokens) and each
+    length in ends (B, T), the index just past the last `tag` in ids[b, :ends[b, t]], or
+    default[b, t] where it has none. A tag ends at j when the len(tag) tokens up to j are the tag."""
+    k = len(tag)
+    ids = F.pad(ids, (0, max(0, k - ids.size(1))), value=-1)  # at least one window
+    hit = (ids.unfold(1, k, 1) == torch.tensor(tag)).all(-1)  # (B, L - k + 1): window i is a tag
+    after = torch.arange(k, ids.size(1) + 1) * hit  # just past each tag, 0 elsewhere
+    last = after.cummax(dim=1).values  # (B, L - k + 1): the last tag in the first i + k tokens
+    i = ends - k  # the last window inside the first ends[b, t] tokens
+    found = torch.where(i >= 0, last.gather(1, i.clamp(min=0)), 0)
+    return torch.where(found > 0, found, default)
+
+
 def rule_starts(ids, prompt_len, rule_set):
     """(where the diversity rule starts counting, where the response starts) in ids, whose first
     prompt_len tokens are the prompt. Officially both come from the last tags in the whole
@@ -385,14 +399,28 @@ class RuleState:
         return self.scores()
 
 
+@functools.lru_cache(maxsize=32)
+def column_tables(rule_set, columns=None):
+    """ForcedRules' tables for a rule set over `columns` (a tuple of GPT-2 ids, one per score
+    column; None: all 50,257): the base scores (V',), <|endoftext|>'s column (0 or 1 of them), and
+    each GPT-2 id's column (VOCAB + 1,), -1 for none and for -1. Built once, not once a batch:
+    full-vocabulary tensors are most of a batch's setup on a GPU."""
+    columns = torch.arange(VOCAB) if columns is None else torch.tensor(columns, dtype=torch.long)
+    base = uniform_bias(rule_set) if rule_set.uniform else torch.zeros(VOCAB)
+    col_of = torch.full((VOCAB + 1,), -1, dtype=torch.long)  # the last entry: id -1
+    col_of[columns] = torch.arange(len(columns))
+    return base[columns], (columns == EOT).nonzero().flatten(), col_of
+
+
 class ForcedRules:
     """The rules along known responses (teacher forcing: scoring, the paper's Table 2), for every
     position at once. Before response token t the rule scores are closed-form in t: the EOS ramp's
-    count and where the diversity rule starts counting come from walking the tags along the response
-    (RuleState's tables: a few (B,) lookups a token), and a token is penalized at t if its first
-    occurrence since that start lies before t. So a chunk of n positions costs one pass over the
-    model's (B, n, V) log-probs plus O(n x distinct tokens) writes, not n RuleState steps; and
-    added_to(zeros) equals RuleState.scores() step by step (tests/test_rules.py)."""
+    count is the context's length less where the response starts, and the diversity rule counts
+    from the user tag (rule_starts' after_tag at every prefix at once: after_tags); a token of the
+    context is penalized once if no earlier copy lies at or after that start. So a chunk of n
+    positions costs a few batched tensor operations over the model's (B, n, V) log-probs, not n
+    RuleState steps or a step a row; and added_to(zeros) equals RuleState.scores() step by step
+    (tests/test_rules.py)."""
 
     def __init__(self, prompts, targets, rule_set, columns=None):
         # prompts: B lists of GPT-2 ids; targets (B, T) on the CPU, each row's response tokens
@@ -400,53 +428,39 @@ class ForcedRules:
         # column of the scores (a restricted vocabulary's rows), all 50,257 by default.
         self.rule_set = rule_set
         B, T = targets.shape
-        columns = torch.arange(VOCAB) if columns is None else torch.as_tensor(columns)
-        base = uniform_bias(rule_set) if rule_set.uniform else torch.zeros(VOCAB)
-        self.base = base[columns]  # (V',) the scores every position starts from
-        self.eot = (columns == EOT).nonzero().flatten()  # <|endoftext|>'s column, if it has one
+        key = None if columns is None else tuple(torch.as_tensor(columns).tolist())
+        # (V',) the scores every position starts from; <|endoftext|>'s column, if it has one;
+        # (VOCAB + 1,) each GPT-2 id's column, -1 for none (and for -1)
+        self.base, self.eot, col_of = column_tables(rule_set, key)
         lens = torch.tensor([len(p) for p in prompts])  # (B,) target t is at index lens + t
-        starts = [rule_starts(p, len(p), rule_set) for p in prompts]
-        n = lens - torch.tensor([s[1] for s in starts])  # (B,) response tokens so far
-        begin = torch.tensor([s[0] for s in starts])  # (B,) where the diversity rule counts from
-        progress = tag_ends(prompts)  # per tag, (B,)
-        counts, begins = [], []
-        for t in range(T):  # RuleState.update's walk, without its (B, V) table
-            counts.append(n)
-            begins.append(begin)
-            n = n + 1
-            if not rule_set.fixed_tags:
-                progress, assistant, restart = new_turns(progress, targets[:, t], rule_set)
-                n = n.masked_fill(assistant, 0)  # the response starts anew after the new tag
-                begin = torch.where(restart, lens + t + 1, begin)  # counting starts after the tag
-        empty = torch.zeros(B, 0, dtype=torch.long)
-        self.counts = torch.stack(counts, 1) if T else empty  # (B, T) the EOS ramp's n
-        self.begins = torch.stack(begins, 1) if T else empty  # (B, T) nondecreasing in t
-        self.ends = lens[:, None] + torch.arange(T)[None, :]  # (B, T) the context's length at t
-        # per row, per start d: the distinct columns of the sequence from d on and where each
-        # first occurs: at t, those whose first occurrence is before ends[t] are penalized
-        col_of = torch.full((VOCAB,), -1, dtype=torch.long)
-        col_of[columns] = torch.arange(len(columns))
-        self.runs = []
+        ids = torch.full((B, int(lens.max()) + T), -1, dtype=torch.long)  # (B, L) prompt, targets
         for b, prompt in enumerate(prompts):
-            seq = col_of[torch.cat([torch.tensor(prompt, dtype=torch.long), targets[b]])]
-            runs = []
-            for d in self.begins[b].unique().tolist():
-                known = seq[d:] >= 0  # a token outside the columns has no score to change
-                first = torch.full((len(columns),), len(seq), dtype=torch.long)
-                first = first.scatter_reduce(0, seq[d:][known], torch.arange(d, len(seq))[known], "amin")
-                cols = (first < len(seq)).nonzero().flatten()  # (m,) the distinct columns from d
-                at = (self.begins[b] == d).nonzero().flatten()  # the positions counting from d
-                runs.append((int(at[0]), int(at[-1]) + 1, cols, first[cols]))
-            self.runs.append(runs)
+            ids[b, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            ids[b, len(prompt):len(prompt) + T] = targets[b]
+        self.ends = lens[:, None] + torch.arange(T)[None, :]  # (B, T) the context's length at t
+        if rule_set.fixed_tags:  # the prompt's tags, found once
+            response = lens[:, None].expand(B, T)
+            user = torch.tensor([after_tag(p, USER_TAG) or 0 for p in prompts])[:, None].expand(B, T)
+        else:  # the last tags of the context, as the official code re-finds them
+            response = after_tags(ids, ASSISTANT_TAG, self.ends, lens[:, None].expand(B, T))
+            user = after_tags(ids, USER_TAG, self.ends, torch.zeros(B, T, dtype=torch.long))
+        self.counts = self.ends - response  # (B, T) the EOS ramp's n
+        self.begins = response if rule_set.response_only else user  # (B, T) diversity counts from
+        # each context token's column (-1: none, its score is not changed) and the index of the
+        # previous copy of the same token (-1: none)
+        self.cols = col_of[ids]  # (B, L)
+        order = torch.sort(ids, dim=1, stable=True).indices  # copies side by side, in index order
+        same = ids.gather(1, order[:, 1:]) == ids.gather(1, order[:, :-1])  # (B, L - 1)
+        previous = torch.where(same, order[:, :-1], -1)
+        self.prev = torch.full_like(ids, -1).scatter(1, order[:, 1:], previous)  # (B, L)
         self.device = torch.device("cpu")
 
     def to(self, device):
         """The state on `device`, moved once (not once a chunk: scoring calls added_to per chunk)."""
         device = torch.device(device)
         if device != self.device:
-            self.base, self.ends, self.counts = (x.to(device) for x in (self.base, self.ends, self.counts))
-            self.runs = [[(lo, hi, cols.to(device), first.to(device)) for lo, hi, cols, first in runs]
-                         for runs in self.runs]
+            for name in ("base", "ends", "counts", "begins", "cols", "prev"):
+                setattr(self, name, getattr(self, name).to(device))
             self.device = device
         return self
 
@@ -457,14 +471,15 @@ class ForcedRules:
         self.to(logprobs.device)
         product = logprobs + self.base  # (B, n, V') a new tensor: logprobs is shared
         if self.rule_set.diversity:
-            for b, runs in enumerate(self.runs):
-                for lo, hi, cols, first in runs:
-                    lo, hi = max(lo, t0), min(hi, t1)
-                    if lo < hi:  # positions lo..hi-1 count from this start
-                        seen = first[None, :] < self.ends[b, lo:hi, None]  # (k, m)
-                        penalty = -self.rule_set.diversity_penalty * seen.to(product.dtype)
-                        index = cols[None, :].expand(hi - lo, -1)
-                        product[b, lo - t0:hi - t0].scatter_add_(1, index, penalty)
+            # token j counts before target t if it lies in [begin, end) and no earlier copy does:
+            # each distinct id once (B, n, L)
+            begin, end = self.begins[:, t0:t1, None], self.ends[:, t0:t1, None]  # (B, n, 1)
+            j = torch.arange(self.cols.size(1), device=product.device)  # (L,)
+            counted = (j >= begin) & (j < end) & (self.prev[:, None, :] < begin)
+            counted &= self.cols[:, None, :] >= 0
+            penalty = -self.rule_set.diversity_penalty * counted.to(product.dtype)
+            index = self.cols.clamp(min=0)[:, None, :].expand_as(counted)  # (B, n, L)
+            product.scatter_add_(2, index, penalty)
         if self.rule_set.eos and len(self.eot):
             ramp = eos_bias(self.counts[:, t0:t1], self.rule_set)  # (B, n)
             product[:, :, self.eot[0]] += ramp.to(product.dtype)

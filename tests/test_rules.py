@@ -516,3 +516,22 @@ def test_a_restarted_row_is_a_fresh_state_for_its_new_prompt(seed, options):
         assert torch.equal(scores[others], kept(None, generated)[others])
         if s >= at:
             assert torch.equal(scores[b], fresh(None, generated[b:b + 1, at:])[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.lists(st.sampled_from([1, 2, 3] + USER_TAG + ASSISTANT_TAG), max_size=40), min_size=1,
+                     max_size=4), tag=st.sampled_from([USER_TAG, ASSISTANT_TAG, [1, 1], [2]]))
+def test_after_tags_is_after_tag_at_every_prefix(rows, tag):
+    """ForcedRules' closed form of the tags: after_tags(ids, tag, ends, default) at every prefix length of every
+    row equals the reference after_tag (the exercise's function) on that prefix, default where it finds none;
+    tags that overlap, repeat, or run into the padding are drawn from the tags' own pieces."""
+    from rules import after_tags
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    ends = torch.tensor([[min(n, len(r)) for n in range(L + 1)] for r in rows])  # (B, L + 1)
+    default = torch.full_like(ends, -7)
+    got = after_tags(ids, tag, ends, default).tolist()
+    for b, r in enumerate(rows):
+        assert got[b] == [after_tag(r[:n], tag) or -7 for n in ends[b].tolist()]

@@ -140,6 +140,38 @@ def test_a_partial_file_is_resumed(small_hf, tmp_path):
     assert [a["instruction"] for a in answers] == rows and not partial.exists()
 
 
+
+def test_answers_that_end_out_of_order_are_written_in_order(small_hf, tmp_path, monkeypatch):
+    """--instructions with fewer rows than instructions: the longer prompts have less room in the 128-token context,
+    so their answers end first and their rows take the next instructions; the partial file still holds the answers
+    in the instructions' order, each its answer alone, and is written as they end (not only at the end)."""
+    _, directory = small_hf
+    model = GPT.from_pretrained(directory).eval()
+    rows = ["word " * n + "end." for n in (2, 60, 5, 40, 1, 70)]
+    out = tmp_path / "answers.json"
+    config = config_of(f"--init_from={directory}", f"--out={out}", "--batch_size=2", "--max_new_tokens=1024")
+    written, ended = [], []
+    respond = sample.respond
+
+    def spied(*args, answered, **kwargs):  # the order in which the answers end
+        return respond(*args, answered=lambda i, tokens: (ended.append(i), answered(i, tokens)), **kwargs)
+    monkeypatch.setattr(sample, "respond", spied)
+    with open(tmp_path / "partial.jsonl", "w") as file:
+        class Watched:  # the file as generate_answers writes it: what is written, in order, as it comes
+            def write(self, text):
+                written.append(json.loads(text)["instruction"])
+                return file.write(text)
+
+            def flush(self):
+                file.flush()
+        answers = []
+        sample.generate_answers(model, [{"instruction": r, "dataset": "val"} for r in rows], answers, Watched(),
+                                config=config, rule_set=rules.NO_RULES, device="cpu", dtype="float32",
+                                generator="g")
+    assert ended != sorted(ended) and sorted(ended) == list(range(len(rows))), ended
+    assert written == rows and [a["instruction"] for a in answers] == rows
+    assert [a["output"] for a in answers] == [expected_answer(model, r, 1024) for r in rows]
+
 @pytest.mark.parametrize("change, message", [
     ("flags", "partial.jsonl: started with --rules=none, now --rules=all; rerun with the same flags"),
     ("instruction", "partial.jsonl:2: answers another instruction than --instructions' item 1"),
