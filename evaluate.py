@@ -75,7 +75,8 @@ DEFAULTS = {
     "max_new_tokens": (1024, "generation limit; 1024 = until <|endoftext|> or the end of GPT-2's "
                              "context, as the official evaluation (its context); --compare gives "
                              "the no-EOS-rule model 512, as it does"),
-    "batch_size": (8, "prompts generated, or responses scored, together"),
+    "batch_size": (8, "rows generating together (one whose answer ends takes the next prompt), or "
+                      "responses scored together"),
     "compile": (False, "generate through torch.compile in fixed shapes (CUDA graphs on a GPU; the "
                        "same tokens)"),
     "negatives": (5,

@@ -208,7 +208,8 @@ def after_tag(ids, tag):
 def after_tags(ids, tag, ends, default):
     """after_tag at many prefixes at once: for each row of ids (B, L) (-1 after its tokens) and each
     length in ends (B, T), the index just past the last `tag` in ids[b, :ends[b, t]], or
-    default[b, t] where it has none. A tag ends at j when the len(tag) tokens up to j are the tag."""
+    default[b, t] where it has none. A tag ends at j when the len(tag) tokens up to j are the
+    tag."""
     k = len(tag)
     ids = F.pad(ids, (0, max(0, k - ids.size(1))), value=-1)  # at least one window
     hit = (ids.unfold(1, k, 1) == torch.tensor(tag)).all(-1)  # (B, L - k + 1): window i is a tag
@@ -440,7 +441,8 @@ class ForcedRules:
         self.ends = lens[:, None] + torch.arange(T)[None, :]  # (B, T) the context's length at t
         if rule_set.fixed_tags:  # the prompt's tags, found once
             response = lens[:, None].expand(B, T)
-            user = torch.tensor([after_tag(p, USER_TAG) or 0 for p in prompts])[:, None].expand(B, T)
+            user = torch.tensor([after_tag(p, USER_TAG) or 0 for p in prompts])
+            user = user[:, None].expand(B, T)
         else:  # the last tags of the context, as the official code re-finds them
             response = after_tags(ids, ASSISTANT_TAG, self.ends, lens[:, None].expand(B, T))
             user = after_tags(ids, USER_TAG, self.ends, torch.zeros(B, T, dtype=torch.long))
@@ -456,7 +458,8 @@ class ForcedRules:
         self.device = torch.device("cpu")
 
     def to(self, device):
-        """The state on `device`, moved once (not once a chunk: scoring calls added_to per chunk)."""
+        """The state on `device`, moved once (not once a chunk: scoring calls added_to per
+        chunk)."""
         device = torch.device(device)
         if device != self.device:
             for name in ("base", "ends", "counts", "begins", "cols", "prev"):

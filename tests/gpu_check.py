@@ -97,6 +97,16 @@ def write(out, report):
         os.replace(tmp, out / name)
 
 
+def child_env(environ, root):
+    """The tests' and the bench's environment: unbuffered output, and the tokenizer files carried in
+    root/.tiktoken, if there, over any TIKTOKEN_CACHE_DIR the machine presets (a lent H200 presets one without
+    GPT-2's files)."""
+    env = dict(environ, PYTHONUNBUFFERED="1")
+    if (Path(root) / ".tiktoken").is_dir():
+        env["TIKTOKEN_CACHE_DIR"] = str(Path(root) / ".tiktoken")
+    return env
+
+
 def run(command, log, timeout, env):
     """Run `command` from the repository root, its output to `log`; None, or why it did not finish well."""
     with open(log, "w") as f:
@@ -116,9 +126,7 @@ def main(argv):
         sys.exit("error: no CUDA GPU here: tests/gpu_check.py measures a GPU (without one, run python -m pytest tests)")
     out = Path(argv[0] if argv else ROOT / "out" / "gpu")
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if (ROOT / ".tiktoken").is_dir():  # taken along on purpose: it wins over what the machine has set
-        env["TIKTOKEN_CACHE_DIR"] = str(ROOT / ".tiktoken")
+    env = child_env(os.environ, ROOT)
     t0 = time.time()
     report = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": 0.0, "tests": None,
               "bench": None}

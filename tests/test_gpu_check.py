@@ -39,6 +39,15 @@ def test_the_report_names_each_test_and_tables_each_bench_section(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("gpu_report*")) == ["gpu_report.json", "gpu_report.md"]
 
 
+def test_the_carried_tokenizer_files_win_over_a_preset_cache_dir(tmp_path):
+    preset = {"TIKTOKEN_CACHE_DIR": "/opt/tiktoken_cache", "PATH": "/bin"}
+    assert gpu_check.child_env(preset, tmp_path)["TIKTOKEN_CACHE_DIR"] == "/opt/tiktoken_cache"  # nothing carried
+    (tmp_path / ".tiktoken").mkdir()
+    env = gpu_check.child_env(preset, tmp_path)
+    assert env["TIKTOKEN_CACHE_DIR"] == str(tmp_path / ".tiktoken") and env["PATH"] == "/bin"
+    assert preset["TIKTOKEN_CACHE_DIR"] == "/opt/tiktoken_cache"  # the caller's environment is left alone
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the check would run")
 def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), str(tmp_path / "out")],

@@ -59,7 +59,7 @@ DEFAULTS = {
 }
 RANGES = {"jobs": "[1, inf)", **DEVICE_RANGES}
 LIMIT = 64  # new tokens per answer: the longest reference answer is 30
-BATCH = 64  # prompts generated, or pairs scored, together: the model is tiny
+BATCH = 64  # rows generating together (continuous batching), or pairs scored: the model is tiny
 # (label, config/<name>.toml): the two single tasks are the poem and the letter
 RUNS = [("instruction-tuned", "tinyworld_instruction"), ("response-tuned", "tinyworld_responses"),
         ("poetry-tuned", "tinyworld_poem"), ("letter-tuned", "tinyworld_letter")]
