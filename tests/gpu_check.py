@@ -2,7 +2,7 @@
 Every GPU check and measurement in one command, on a machine with a CUDA GPU: tests/test_cuda.py, then
 `tests/bench.py gpu`, into one report.
 
-    python tests/gpu_check.py [OUT_DIR]     # default out/gpu; about 5 minutes on an H200
+    python tests/gpu_check.py [OUT_DIR]     # default out/gpu; at most 200 + 240 s (373 s on an H200, 2026-12-04)
 
 Writes OUT_DIR/gpu_report.json (the tests' outcomes and every bench figure) and gpu_report.md (the same as
 tables), with the two logs beside them (tests.log, bench.log). The report is rewritten after each part, so a run
