@@ -254,7 +254,8 @@ class GPT(nn.Module):
         # 1) each prompt's room: up to max_new_tokens, and no further than the learned positions
         room = [min(max_new_tokens, self.config.block_size - len(p)) for p in prompts]
         slots = max(len(p) + r for p, r in zip(prompts, room))  # the longest sequence
-        seq = torch.full((B, slots), EOT, dtype=torch.long, device=device)  # each row's tokens
+        # (B, slots) each row's prompt from slot 0 and, without the cache, its answer so far
+        seq = torch.full((B, slots), EOT, dtype=torch.long, device=device)
         cache = None  # without it, every step reads each row's whole sequence again
         if use_cache:
             cache = self.new_cache(B, slots, compiled, device)
@@ -299,8 +300,9 @@ class GPT(nn.Module):
             stopped = (nxt == eos).tolist() if eos is not None else [False] * B  # a wait a step
             ended = rows.step(stopped, steps, generated)
             new = rows.positions(device)  # (B,)
-            seq[arange, new] = nxt  # (an ended or idle row's last slot is rewritten: unread)
-            if cache is not None and len(ended) < sum(i is not None for i in rows.owner):
+            if cache is None:  # the rows are read again whole: the new tokens join them
+                seq[arange, new] = nxt  # (an ended or idle row's last slot: rewritten, unread)
+            elif len(ended) < sum(i is not None for i in rows.owner):  # some row goes on
                 h = self.decode_step(nxt, rows.pos, new, cache, compiled)
             # 5) each ended row takes the next waiting prompt, or idles
             h = with_rows(h, {b: take(b, None) for b in ended}, B)

@@ -282,13 +282,6 @@ def tag_progress(ids, tag):
     return 0
 
 
-def tag_ends(prompts, device="cpu"):
-    """Per tag (user, assistant), (B,) how much of it each prompt ends with, so that a tag the
-    prompt's end splits is still found."""
-    return [torch.tensor([tag_progress(prompt, tag) for prompt in prompts], dtype=torch.long,
-                         device=device) for tag in (USER_TAG, ASSISTANT_TAG)]
-
-
 def new_turns(progress, tokens, rule_set):
     """One token along the tags: (progress after `tokens`, the rows that have just completed an
     assistant tag (the EOS ramp restarts), the rows whose diversity rule restarts (a new user tag,
@@ -319,7 +312,9 @@ class RuleState:
             self.base = uniform_bias(rule_set).to(device)  # (V,) the scores every row starts from
         else:
             self.base = torch.zeros(VOCAB, device=device)
-        self.progress = tag_ends(prompts, device)  # per tag, (B,)
+        # per tag (user, assistant), (B,) how much of it each sequence ends with, so that a tag the
+        # prompt's end splits is still found (set by start)
+        self.progress = [torch.zeros(B, dtype=torch.long, device=device) for _ in range(2)]
         self.n = torch.zeros(B, dtype=torch.long, device=device)  # (B,) response tokens
         # (B, V) the ids the diversity rule penalizes
         self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)
@@ -333,8 +328,8 @@ class RuleState:
         """Row b's state after `prompt` alone: where the diversity rule starts counting and the
         response starts (rule_starts), and the ids it has seen since."""
         diversity_start, response_start = rule_starts(prompt, len(prompt), self.rule_set)
-        for k, progress in zip(self.progress, tag_ends([prompt])):
-            k[b] = progress[0]
+        for progress, tag in zip(self.progress, (USER_TAG, ASSISTANT_TAG)):
+            progress[b] = tag_progress(prompt, tag)
         self.n[b] = len(prompt) - response_start
         self.seen[b] = False
         self.seen[b, prompt[diversity_start:]] = True
