@@ -528,6 +528,9 @@ def bench_refill(device):
     return out
 
 
+GPU_SECTIONS = ("scoring", "decode_precision", "refill", "decode", "evaluation", "train")  # bench_gpu's order
+
+
 def bench_gpu(path=None, only=None):
     """Every GPU figure in one command. Each section is written to `path` as soon as it is measured, and a
     section that fails records its error and lets the rest run: a GPU is lent for minutes, and a run cut short
@@ -587,6 +590,10 @@ def main(argv):
     which = args[0] if args else "generate"
     if which == "gpu":
         only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")), None)
+        unknown = [key for key in only or [] if key not in GPU_SECTIONS]
+        if unknown:  # else the bench would measure nothing and pass
+            sys.exit(f"error: --only={','.join(only)}: no section {unknown[0]!r}; the sections: "
+                     f"{','.join(GPU_SECTIONS)}")
         return bench_gpu(*args[1:], only=only)
     if which not in (*CPU_BENCHES, "all"):
         sys.exit(f"error: unknown bench {which!r}: expected {', '.join(CPU_BENCHES)}, all or gpu")

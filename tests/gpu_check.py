@@ -5,7 +5,7 @@ Every GPU check and measurement in one command, on a machine with a CUDA GPU: te
     python tests/gpu_check.py [OUT_DIR]     # default out/gpu; at most 200 + 240 s (373 s on an H200, 2026-12-04)
 
 Writes OUT_DIR/gpu_report.json (the tests' outcomes and every bench figure) and gpu_report.md (the same as
-tables), with the two logs beside them (tests.log, bench.log). The report is rewritten after each part, so a run
+tables), with the two logs beside them (tests.log, bench.log); an OUT_DIR that holds an earlier report is refused. The report is rewritten after each part, so a run
 cut short keeps what it measured. Exit 1 if a test failed or a bench section failed (the report says which).
 
 The GPT-2 BPE files: tiktoken reads them from TIKTOKEN_CACHE_DIR, or from ../shared/tiktoken beside the
@@ -122,9 +122,13 @@ def main(argv):
     import torch
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
         sys.exit("usage: python tests/gpu_check.py [OUT_DIR]")
+    out = Path(argv[0] if argv else ROOT / "out" / "gpu")
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: OUT_DIR={out} is a file, not a directory")
+    if (out / "gpu_report.json").exists():  # an earlier run's measurements are not ours to replace
+        sys.exit(f"error: OUT_DIR={out} holds an earlier report (gpu_report.json): give another OUT_DIR")
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here: tests/gpu_check.py measures a GPU (without one, run python -m pytest tests)")
-    out = Path(argv[0] if argv else ROOT / "out" / "gpu")
     out.mkdir(parents=True, exist_ok=True)
     env = child_env(os.environ, ROOT)
     t0 = time.time()

@@ -57,3 +57,23 @@ def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--fast"], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("usage:"), r.stderr
+
+
+def test_an_earlier_report_or_a_file_as_out_dir_is_refused_before_anything_runs(tmp_path):
+    """Checked before the GPU is looked for: the same on a CPU and on a GPU machine."""
+    (tmp_path / "gpu_report.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 1 and "holds an earlier report" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "gpu_report.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu_report.json"]
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), str(tmp_path / "gpu_report.json")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "is a file, not a directory" in r.stderr, r.stderr
+
+
+def test_the_gpu_bench_refuses_a_section_it_does_not_have():
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "gpu", "--only=refil,decode"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: --only=refil,decode: no section 'refil'"), r.stderr
+    assert r.stderr.count("\n") == 1
