@@ -10,6 +10,7 @@ different lengths with a key/value cache and takes a per-step hook that adds to 
 log-probabilities: how rules.py multiplies the rule LM into GPT-2 (section 5).
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
 from batching import Rows, with_rows
+from graphstep import GraphStep
 from sampling import next_tokens
 from vocab import Vocabulary
 
@@ -237,76 +239,81 @@ class GPT(nn.Module):
         (B, 50257) and the tokens chosen so far (B, steps); the bias is added and the sum
         renormalized, a product of experts (section 5). callback(logprobs, tokens) sees each step's
         final log-probabilities and tokens (streaming); answered(i, tokens) each answer as it ends.
-
-        A batch gives what each prompt gives alone: each row holds its prompt from slot 0 and may
-        run to the end of the context from its own length. With the cache, a prompt is first read
-        alone into its row (prefill); then the rows decode together, each at its own position
-        (decode_step); compiled: through torch.compile, in fixed shapes (static_cache).
-        batch_size: rows decoded together (default: all). With fewer rows than prompts, row b
-        starts on prompt b and a row whose answer has ended takes the next prompt (continuous
-        batching); the hook, built for the first rows, then gets hook.restart(b, prompt,
-        generated)."""
+        A batch gives what each prompt gives alone: each row holds its prompt from slot 0 (read
+        alone: prefill) and decodes at its own position (decode_step). batch_size: rows decoded
+        together (default: all); a row whose answer ends takes the next prompt (continuous
+        batching) and the hook gets hook.restart(b, prompt, generated). compiled: each step is one
+        graph (graphstep.py), the hook a rules.RuleState, whose state the graph updates."""
         self.check_prompts(prompts)
         device = self.lm_head.weight.device
         B = min(batch_size or len(prompts), len(prompts))
         if B < len(prompts) and hook is not None and not hasattr(hook, "restart"):
             raise TypeError("refilling rows (batch_size < the prompts) needs a hook with restart()")
+        compiled = compiled and self.graphable(greedy, temperature, top_p, device)
+        if compiled and hook is not None and not hasattr(hook, "advance"):
+            raise TypeError("compiled decoding runs the rules in its graph: it needs a RuleState")
         # 1) each prompt's room: up to max_new_tokens, and no further than the learned positions
         room = [min(max_new_tokens, self.config.block_size - len(p)) for p in prompts]
         slots = max(len(p) + r for p, r in zip(prompts, room))  # the longest sequence
         # (B, slots) each row's prompt from slot 0 and, without the cache, its answer so far
         seq = torch.full((B, slots), EOT, dtype=torch.long, device=device)
         cache = None  # without it, every step reads each row's whole sequence again
-        if use_cache:
-            cache = self.new_cache(B, slots, compiled, device)
-        rows = Rows(prompts, room, B, answered)
-        generated = seq.new_empty((B, 64))  # (B, capacity): each step's tokens, a column a step
-        steps = 0
+        if compiled:
+            graph = self.graph_step(B, device, self.cache_dtype(device), hook)
+            cache = graph.cache
+        elif use_cache:
+            cache = KVCache.empty(self.config, B, slots, device, self.cache_dtype(device))
+        rows = Rows(prompts, room, B, answered, device)
 
         def take(b, i):
             """Row b answers prompt i, or the next one with room (None: it idles). Returns, with
             the cache, the hidden state (C,) at the prompt's end, read alone into the row's slots
             0, 1, ... (slots past it may hold an earlier prompt's keys: finite, and masked)."""
-            p = rows.take(b, i, steps)
+            p = rows.take(b, i)
             if p is None:
                 return None
             seq[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
             if rows.owner[b] >= B and hook is not None:
-                hook.restart(b, p, generated[:, :steps])
+                hook.restart(b, p, rows.generated())
             if cache is not None:
                 return self.hidden(seq[b:b + 1, :len(p)], cache=cache.row(b))[0, -1]
 
         # 2) read the first B prompts
-        h = with_rows(None, {b: take(b, b) for b in range(B)}, B)  # (B, C) at the newest tokens
+        read = {b: take(b, b) for b in range(B)}
+        choice = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        # 3) decode, 4) each row whose answer ends takes the next waiting prompt, or idles
+        if compiled:
+            graph.place(read, rows)
+            while rows.busy():
+                ended = graph.steps(rows, hook, callback, eos, generator, choice)
+                graph.place({b: take(b, None) for b in ended}, rows)
+            return rows.answers
+        h = with_rows(None, read, B)  # (B, C) at the newest tokens
         arange = torch.arange(B, device=device)
-        # 3) decode: one token per row per step, while some row has a prompt to answer
         while rows.busy():
             if cache is None:
-                h = self.hidden(seq[:, :max(rows.pos) + 1])[arange, rows.positions(device)]
-            logits = self.lm_head(h).float()  # (B, vocab_size): over the model's rows
-            logprobs = self.vocab.full(F.log_softmax(logits, dim=-1))  # (B, 50257)
+                h = self.hidden(seq[:, :max(rows.pos) + 1])[arange, rows.positions()]
+            logprobs = self.logprobs(h)  # (B, 50257)
             if hook is not None:
-                bias = hook(logprobs, generated[:, :steps])
+                bias = hook(logprobs, rows.generated())
                 logprobs = F.log_softmax(logprobs + bias, dim=-1)
-            nxt = next_tokens(logprobs, greedy, temperature, top_k, top_p, generator)  # (B,)
-            nxt = nxt.masked_fill(rows.idle(device), EOT)  # idle rows: unread
+            nxt = next_tokens(logprobs, **choice, generator=generator)  # (B,)
+            nxt = nxt.masked_fill(rows.idle(), EOT)  # idle rows: unread
             if callback is not None:
                 callback(logprobs, nxt)
-            if steps == generated.size(1):  # double the capacity
-                generated = torch.cat([generated, torch.empty_like(generated)], dim=1)
-            generated[:, steps] = nxt
-            steps += 1
-            # 4) rows whose answer ends here (eos, or out of room) are done; the others move on
-            stopped = (nxt == eos).tolist() if eos is not None else [False] * B  # a wait a step
-            ended = rows.step(stopped, steps, generated)
-            new = rows.positions(device)  # (B,)
+            ended = rows.step(nxt, eos)  # a host synchronization a step
+            new = rows.positions()  # (B,)
             if cache is None:  # the rows are read again whole: the new tokens join them
                 seq[arange, new] = nxt  # (an ended or idle row's last slot: rewritten, unread)
-            elif len(ended) < sum(i is not None for i in rows.owner):  # some row goes on
-                h = self.decode_step(nxt, rows.pos, new, cache, compiled)
-            # 5) each ended row takes the next waiting prompt, or idles
+            elif rows.busy():  # some row goes on
+                h = self.decode_step(nxt, rows.pos, new, cache)
             h = with_rows(h, {b: take(b, None) for b in ended}, B)
         return rows.answers
+
+    def logprobs(self, h):
+        """(B, 50257) next-token log-probabilities from the hidden states h (B, C), in float32."""
+        logits = self.lm_head(h).float()  # (B, vocab_size): over the model's rows
+        return self.vocab.full(F.log_softmax(logits, dim=-1))
 
     def check_prompts(self, prompts):
         """Refuse an empty prompt, one longer than the context, or ids the vocabulary lacks."""
@@ -320,57 +327,50 @@ class GPT(nn.Module):
         if unknown:
             raise ValueError(f"the prompt has tokens this model's vocabulary lacks: {unknown[:10]}")
 
-    def new_cache(self, B, slots, static, device):
-        """A zeroed KVCache of B rows and `slots` slots (static: static_cache's, the whole context),
-        in the dtype the layers compute in."""
+    def cache_dtype(self, device):
+        """The dtype the layers compute in: the cache's."""
         kind = torch.device(device).type
         if torch.is_autocast_enabled(kind):
-            dtype = torch.get_autocast_dtype(kind)
-        else:
-            dtype = self.lm_head.weight.dtype
-        if static:
-            return self.static_cache(B, device, dtype)
-        return KVCache.empty(self.config, B, slots, device, dtype)
+            return torch.get_autocast_dtype(kind)
+        return self.lm_head.weight.dtype
 
-    def decode_step(self, newest, pos, new, cache, compiled=False):
+    def graphable(self, greedy, temperature, top_p, device):
+        """Whether compiled decoding takes these choices: not top-p sampling on a GPU, whose sort,
+        cumsum and scatter inductor fails to write in Triton (torch 2.11, H200: "list indices must
+        be integers", 2026-12-04). generate then decodes eagerly, and warns."""
+        sampling = not greedy and temperature != 0
+        if sampling and top_p is not None and top_p < 1.0 and torch.device(device).type == "cuda":
+            warnings.warn("compiled decoding cannot take top_p on a GPU: decoding eagerly")
+            return False
+        return True
+
+    def decode_step(self, newest, pos, new, cache):
         """(B, C): the hidden state at each row's newest token (B,), whose position is `pos` (on the
         host) and `new` (on the device): its keys and values go to that slot of the cache, which
         holds the rows' earlier tokens, each from slot 0. Every row attends to its slots up to its
         own position."""
         cache.slot = new
-        if compiled:
-            cache.length = cache.k[0].size(2)  # fixed shapes: every slot is read, unreached masked
-        else:
-            cache.length = max(pos) + 1  # the slots filled so far
-        seen = torch.arange(cache.length, device=new.device) <= new[:, None]  # (B, Tk)
-        mask = seen[:, None, None, :]  # (B, 1, 1, Tk)
-        if not compiled:
-            if len(set(pos)) == 1:  # every row sees every key: no mask, the fast kernels
-                mask = None
-            return self.hidden(newest[:, None], new[:, None], cache, mask)[:, -1]
-        newest = newest[:, None].clone(memory_format=torch.contiguous_format)  # fixed strides
-        # a new step: the last step's graph outputs are spent
-        torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled_hidden(newest, new[:, None], cache, mask)[:, -1]
+        cache.length = max(pos) + 1  # the slots filled so far
+        mask = None  # every row at the same position sees every key: no mask, the fast kernels
+        if len(set(pos)) > 1:
+            seen = torch.arange(cache.length, device=new.device) <= new[:, None]  # (B, Tk)
+            mask = seen[:, None, None, :]  # (B, 1, 1, Tk)
+        return self.hidden(newest[:, None], new[:, None], cache, mask)[:, -1]
 
-    def static_cache(self, B, device, dtype):
-        """The block_size-slot cache of compiled decoding, zeroed; kept on the model with the
-        compiled self.hidden that reads it, for later calls of the same shape and weights (a CUDA
-        graph holds the addresses of both)."""
+    def graph_step(self, B, device, dtype, hook):
+        """The GraphStep of B rows, kept on the model for later calls of the same shape and
+        weights (a CUDA graph holds the addresses of its buffers and the weights); its cache
+        zeroed, and the hook's (a RuleState's) tensors held, which the graph updates in place."""
         weights = [(p.data_ptr(), p.dtype) for p in self.parameters()]
         key = (B, dtype, torch.device(device), weights)
-        if getattr(self, "_static_key", None) != key:  # another shape, or the weights moved: anew
+        if getattr(self, "_graph_key", None) != key:  # another shape, or the weights moved: anew
+            self._graph_key = key
             cache = KVCache.empty(self.config, B, self.config.block_size, device, dtype)
-            self._static_key = key
-            self._static_cache = cache
-            mode = None
-            if torch.device(device).type == "cuda":
-                for buffer in cache.k + cache.v:  # a CUDA graph writes them in place
-                    torch._dynamo.mark_static_address(buffer)
-                mode = "reduce-overhead"  # CUDA graphs: one launch a step
-            self.compiled_hidden = torch.compile(self.hidden, mode=mode, dynamic=False)
-        torch._foreach_zero_(self._static_cache.k + self._static_cache.v)
-        return self._static_cache
+            self._graph = GraphStep(self, cache)
+        self._graph.reset()
+        if hook is not None:
+            self._graph.hold(hook.tensors())
+        return self._graph
 
     # ------------------------------------------------------------------------------------- loading
 

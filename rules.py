@@ -282,12 +282,11 @@ def tag_progress(ids, tag):
     return 0
 
 
-def new_turns(progress, tokens, rule_set):
+def new_turns(progress, tokens, rule_set, tables):
     """One token along the tags: (progress after `tokens`, the rows that have just completed an
     assistant tag (the EOS ramp restarts), the rows whose diversity rule restarts (a new user tag,
     or with response_only the assistant tag)). progress: per tag, (B,) how much of it each
-    sequence ends with; tokens (B,)."""
-    tables = tag_tables(tokens.device)
+    sequence ends with; tokens (B,); tables: tag_tables' on the tokens' device."""
     progress = [table[k, tokens] for table, k in zip(tables, progress)]  # (B,) each
     user = progress[0] == len(USER_TAG)
     assistant = progress[1] == len(ASSISTANT_TAG)
@@ -320,7 +319,8 @@ class RuleState:
         self.seen = torch.zeros(B, VOCAB, dtype=torch.bool, device=device)
         self.bias = self.base.repeat(B, 1)  # (B, V): the rule scores for the next token
         self.eot = self.bias[:, EOT].clone()  # (B,) <|endoftext|>'s score without the EOS ramp
-        self.steps = 0
+        self.tables = tag_tables(torch.device(device))  # read by every step: looked up once here
+        self.steps = 0  # tokens taken in (update)
         for b, prompt in enumerate(prompts):
             self.start(b, prompt)
 
@@ -353,14 +353,20 @@ class RuleState:
             self.bias[:, EOT] = self.eot + eos_bias(self.n, self.rule_set)
 
     def forget(self, rows):
-        """Empty the diversity rule of the rows where a new count starts (rows: (B,) bool): O(V)
-        for each such row, which happens once a new turn, not once a token."""
-        self.seen[rows] = False
-        self.bias[rows] = self.base
-        self.eot[rows] = self.base[EOT]
+        """Empty the diversity rule of the rows where a new count starts (rows: (B,) bool), in
+        place and with no host synchronization (a compiled step's graph runs it every step)."""
+        self.seen.masked_fill_(rows[:, None], False)
+        self.bias.copy_(torch.where(rows[:, None], self.base, self.bias))
+        self.eot.copy_(torch.where(rows, self.base[EOT], self.eot))
 
     def update(self, tokens):
-        # tokens (B,): the token each sequence has just generated
+        """Take in the token each sequence has just generated, tokens (B,)."""
+        self.advance(tokens)
+        self.steps += 1
+
+    def advance(self, tokens):
+        """update's tensor work, every tensor changed in place: the whole of the rules' step, which
+        a compiled decode step (GPT.generate(compiled=True)) runs inside its graph."""
         rows = torch.arange(len(tokens), device=tokens.device)
         if self.rule_set.diversity:
             penalty = self.rule_set.diversity_penalty
@@ -371,12 +377,20 @@ class RuleState:
         self.seen[rows, tokens] = True
         self.n += 1
         if not self.rule_set.fixed_tags:
-            self.progress, assistant, restart = new_turns(self.progress, tokens, self.rule_set)
+            progress, assistant, restart = new_turns(self.progress, tokens, self.rule_set,
+                                                     self.tables)
+            for mine, new in zip(self.progress, progress):
+                mine.copy_(new)
             self.n.masked_fill_(assistant, 0)  # the response starts anew after the new tag
-            if restart.any():  # a new turn: rare, so the O(V) reset is too
+            # a new turn is rare: eager decoding skips the O(B V) reset (at the cost of a host
+            # synchronization); a graph has no branches and always runs it
+            if torch.compiler.is_compiling() or restart.any():
                 self.forget(restart)
         self.ramp()
-        self.steps += 1
+
+    def tensors(self):
+        """What a step reads and writes: a compiled step's graph holds their addresses."""
+        return [self.base, self.n, self.seen, self.bias, self.eot, *self.progress, *self.tables]
 
     def scores(self):
         return self.bias  # (B, V), kept by the state: read it, do not change it

@@ -465,30 +465,36 @@ def bench_scoring_gpu(device):
 
 
 @torch.no_grad()
-def bench_decode_precision(device, new_tokens=128):
-    """Item 3: greedy decoding at batch 1 and 8 in float32, bf16 autocast over float32 weights, and bf16 weights,
-    eager, and at batch 1 compiled (CUDA graphs): tokens/s, and whether bf16's tokens are float32's."""
+def bench_decode_precision(device, new_tokens=256):
+    """Items 2 and 3: greedy decoding at batch 1 and 8 in float32, bf16 autocast over float32 weights, and bf16
+    weights, eager, and at batch 1 compiled (each step one CUDA graph, graphstep.py), with no rules and with all
+    three (their state updated inside the graph): tokens/s, and whether the tokens are float32 eager's."""
     import cli
+    from rules import RuleSet, RuleState
     ours, _ = gpt2_pair()
     g = torch.Generator().manual_seed(3)
     rows = []
     for batch in (1, 8):
         prompts = [torch.randint(0, 50257, (32,), generator=g).tolist() for _ in range(batch)]
-        reference = None
+        reference = {}
         for label, weights, dtype in (("float32", torch.float32, "float32"), ("autocast_bf16", torch.float32,
                                       "bfloat16"), ("bf16_weights", torch.bfloat16, "float32")):
             model = ours.to(device=device, dtype=weights)
-            for compiled in (False, True) if batch == 1 else (False,):  # compiling costs ~10 s a graph
-                def run():
-                    with cli.autocast(device, dtype):
-                        return model.generate(prompts, new_tokens, greedy=True, eos=None, compiled=compiled)
-                tokens = run()  # warm-up, and compilation
-                t = min(cuda_time(run, device) for _ in range(2))
-                reference = reference or tokens
-                rows.append({"batch": batch, "precision": label, "compiled": compiled,
-                             "tok_s": batch * new_tokens / t,
-                             "rows_same_as_float32_eager": sum(a == b for a, b in zip(tokens, reference)) / batch})
-                print(rows[-1], flush=True)
+            for rules in (False, True):
+                for compiled in (False, True) if batch == 1 else (False,):  # compiling costs ~10 s a graph
+                    def run():
+                        hook = RuleState(prompts, RuleSet(), device) if rules else None
+                        with cli.autocast(device, dtype):
+                            return model.generate(prompts, new_tokens, greedy=True, eos=None, hook=hook,
+                                                  compiled=compiled)
+                    tokens = run()  # warm-up, and compilation
+                    t = min(cuda_time(run, device) for _ in range(2))
+                    same = reference.setdefault(rules, tokens)  # float32 eager comes first
+                    rows.append({"batch": batch, "precision": label, "rules": rules, "compiled": compiled,
+                                 "tok_s": batch * new_tokens / t,
+                                 "rows_same_as_float32_eager": sum(a == b for a, b in zip(tokens, same)) / batch})
+                    print(rows[-1], flush=True)
+    ours.float()
     return rows
 
 
@@ -564,7 +570,7 @@ def bench_gpu(path=None, only=None):
 
     # the figures issue 23 left unmeasured first, so that a run cut short still brings them back
     section("scoring", lambda: bench_scoring_gpu(device))
-    section("decode_precision", lambda: bench_decode_precision(device, new_tokens=8 if TINY else 128))
+    section("decode_precision", lambda: bench_decode_precision(device, new_tokens=8 if TINY else 256))
     section("refill", lambda: bench_refill(device))
     section("decode", lambda: bench_decode(device, new_tokens=16 if TINY else 256))
     section("evaluation", lambda: bench_evaluation(device))

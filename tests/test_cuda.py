@@ -71,9 +71,10 @@ def test_compiled_equals_eager_logits_and_greedy_tokens():
 
 
 def test_compiled_static_decoding_with_cuda_graphs_equals_eager():
-    """generate(compiled=True) on CUDA: the static cache and torch.compile's CUDA graphs give the eager tokens,
-    with mixed prompt lengths and the rules hook, on a second call of the same shape (the graph replayed over a
-    re-zeroed cache) and on another batch size (a new graph)."""
+    """generate(compiled=True) on CUDA: each step one CUDA graph (graphstep.py: the rules' state updated in place
+    inside it, the rows looked at every few steps) gives the eager tokens, with mixed prompt lengths and the rules,
+    on a second call of the same shape (the graph replayed over a re-zeroed cache, a new RuleState's tensors) and
+    on another batch size (a new graph); sampled, the eager draws (the noise drawn from the same CUDA generator)."""
     _, model = model_pair(seed=4, spread=True)
     near_the_end = [list(range(100, 330)), [5, 6], list(range(400, 500))]  # rooms of 26, 254 and 156 tokens
     for prompts, n in (([[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]], 30), ([[17, 18, 19], [20, 21]], 30),
@@ -83,6 +84,13 @@ def test_compiled_static_decoding_with_cuda_graphs_equals_eager():
             hook = RuleState(prompts, RuleSet(), "cuda")
             assert_same_generations(model.generate(prompts, n, greedy=True, eos=None, hook=hook, compiled=True), eager,
                                     prompts, last_logits(model, RuleSet()))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    for choice in ({}, {"top_k": 20, "temperature": 0.8}, {"top_p": 0.9}):
+        draws = [model.generate(prompts, 30, eos=None, hook=RuleState(prompts, RuleSet(), "cuda"), compiled=compiled,
+                                generator=torch.Generator("cuda").manual_seed(3), **choice) for compiled in (False, True)]
+        assert sum(a == b for a, b in zip(*draws)) >= 2, choice  # all rows but a near-tie's (test_model.py)
+    with pytest.warns(UserWarning, match="cannot take top_p on a GPU"):  # inductor fails on top-p: eager instead
+        model.generate(prompts, 5, greedy=False, top_p=0.9, compiled=True)
     # weights converted after a compiled call: seen on an H200 (torch 2.11) to end in an illegal memory access
     # when the graph of the old weights was kept; the model now compiles anew for weights that moved
     prompts = [[5, 6, 7, 8], [9, 10]]
@@ -109,7 +117,9 @@ def test_refilled_rows_with_cuda_graphs_equal_each_prompt_alone():
         got = model.generate(prompts, 40, greedy=True, hook=RuleState(prompts[:3], rule_set, "cuda"),
                              compiled=compiled, batch_size=3, answered=lambda i, tokens: order.append(i))
         assert_same_generations(got, alone, prompts, last_logits(model, rule_set))
-        assert sorted(order) == list(range(len(prompts))) and order != sorted(order), order
+        assert sorted(order) == list(range(len(prompts))), order
+        # eagerly, answers are handed over as they end, out of order; compiled, in row order every few steps
+        assert compiled or order != sorted(order), order
 
 
 def test_fused_adamw_step_equals_the_default():
@@ -190,5 +200,5 @@ def test_the_gpu_bench_measures_on_a_tiny_shape(tmp_path):
     assert all(row["ratio"] > 0 and row["compiled_ratio_vs_hf"] > 0 for row in report["decode"])
     assert all(v > 0 for v in report["evaluation"].values())
     assert report["scoring"]["pairs"] == 16 and report["scoring"]["float32_rules_ratio"] > 0
-    assert len(report["decode_precision"]) == 9 and all(row["tok_s"] > 0 for row in report["decode_precision"])
+    assert len(report["decode_precision"]) == 18 and all(row["tok_s"] > 0 for row in report["decode_precision"])
     assert [row["batch"] for row in report["refill"]] == [8, 8, 32] and all(row["speedup"] > 0 for row in report["refill"])

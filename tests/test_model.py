@@ -103,43 +103,74 @@ def test_cached_equals_uncached(small_hf):
 
 
 def test_compiled_static_decoding_gives_the_eager_tokens_and_logprobs(small_hf):
-    """compiled=True: a block_size-slot cache written at a tensor index, every slot attended under a mask, through
-    torch.compile (CUDA graphs on a GPU). The same tokens as eager decoding, mixed lengths, with the rules'
-    hook; a second call of the same shape reuses the graph and the (re-zeroed) cache."""
+    """compiled=True: each step one graph (graphstep.py: lm_head, the rules, the choice and the next hidden state,
+    over a block_size-slot cache written at a tensor index, every slot attended under a mask; CUDA graphs on a GPU),
+    the rows looked at every CHECK_EVERY steps. The same tokens and log-probabilities as eager decoding, mixed
+    lengths, with the rules; a second call of the same shape reuses the graph and the (re-zeroed) cache."""
     from rules import RuleSet, RuleState
     model = GPT.from_pretrained(small_hf[1]).eval()
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 12, 1, 30)]
     seen = {}
 
-    def record(key, state):
-        def hook(logprobs, generated):
-            seen.setdefault(key, []).append(logprobs.clone())
-            return state(logprobs, generated)
-        return hook
-    eager = model.generate(prompts, 25, greedy=True, eos=None, hook=record("eager", RuleState(prompts, RuleSet())))
-    compiled = model.generate(prompts, 25, greedy=True, eos=None, hook=record("compiled", RuleState(prompts, RuleSet())),
-                              compiled=True)
+    def record(key):
+        return lambda logprobs, tokens: seen.setdefault(key, []).append(logprobs.clone())
+    eager = model.generate(prompts, 25, greedy=True, eos=None, hook=RuleState(prompts, RuleSet()),
+                           callback=record("eager"))
+    compiled = model.generate(prompts, 25, greedy=True, eos=None, hook=RuleState(prompts, RuleSet()),
+                              callback=record("compiled"), compiled=True)
     assert_same_generations(compiled, eager, prompts, last_logits(model, RuleSet()))
     assert len({t for row in eager for t in row}) > 10
+    assert len(seen["compiled"]) == 25
     for a, b in list(zip(seen["eager"], seen["compiled"]))[:agreeing_steps(compiled, eager)]:
         assert_close(a, b)
     plain = last_logits(model)
     others = [random_ids(1, n, seed=n + 100)[0].tolist() for n in (7, 2, 20, 9)]
     assert_same_generations(model.generate(others, 25, greedy=True, eos=None, compiled=True),
                             model.generate(others, 25, greedy=True, eos=None), others, plain)
-    assert model._static_cache.k[0].size(2) == model.config.block_size  # fixed shapes: the whole context
+    assert model._graph.cache.k[0].size(2) == model.config.block_size  # fixed shapes: the whole context
     near_the_end = [random_ids(1, n, seed=n)[0].tolist() for n in (120, 2, 64)]  # rooms of 8, 126 and 64 tokens
     eager = [model.generate([p], 128, greedy=True, eos=None)[0] for p in near_the_end]
     assert_same_generations(model.generate(near_the_end, 128, greedy=True, eos=None, compiled=True), eager,
                             near_the_end, plain)
-    reused = model._static_cache
+    reused = model._graph
     model._apply(lambda t: t.clone())  # the same weights at new addresses, as model.to(...) leaves them
     assert_same_generations(model.generate(others, 25, greedy=True, eos=None, compiled=True),
                             model.generate(others, 25, greedy=True, eos=None), others, plain)
-    assert model._static_cache is not reused  # a CUDA graph recorded over the old addresses would read freed memory
-    reused = model._static_cache
+    assert model._graph is not reused  # a CUDA graph recorded over the old addresses would read freed memory
+    reused = model._graph
     model.generate(others, 5, greedy=True, eos=None, compiled=True)
-    assert model._static_cache is reused  # same shape, same weights: the cache (and the graph) are kept
+    assert model._graph is reused  # same shape, same weights: the buffers (and the graph) are kept
+    with pytest.raises(TypeError, match="RuleState"):  # a plain function cannot run inside the graph
+        model.generate(others, 5, compiled=True, hook=lambda logprobs, generated: 0 * logprobs)
+
+
+def test_compiled_decoding_stops_refills_and_samples_as_eager(small_hf):
+    """The graph path looks at the tokens only every few steps: answers that end inside a window (at <|endoftext|>,
+    brought on by the rules' EOS ramp, or out of room) still end where eager decoding ends them, rows refill with
+    the next prompt, and sampling (the noise drawn outside the graph from the same generator) draws eager's
+    tokens, top-k and top-p included."""
+    from rules import ASSISTANT_TAG, RuleSet, RuleState
+    model = GPT.from_pretrained(small_hf[1]).eval()
+    rule_set = RuleSet(eos_max=40.0, eos_length=12)
+    # answers begun in the prompts by 0 to 11 tokens: the EOS ramp ends them at different steps
+    prompts = [random_ids(1, n, seed=n)[0].tolist() + ASSISTANT_TAG + random_ids(1, k, seed=k)[0].tolist()
+               for n, k in ((3, 0), (12, 9), (1, 4), (30, 11), (5, 2), (110, 6), (9, 1))]
+    for max_new in (3, 11, 40):
+        alone = [model.generate([p], max_new, greedy=True, hook=RuleState([p], rule_set))[0] for p in prompts]
+        got = model.generate(prompts, max_new, greedy=True, hook=RuleState(prompts[:3], rule_set), compiled=True,
+                             batch_size=3)
+        assert_same_generations(got, alone, prompts, last_logits(model, rule_set))
+        if max_new == 40:
+            assert len({len(a) for a in alone}) >= 3 and any(a[-1] == 50256 for a in alone), alone
+    for choice in ({}, {"top_k": 20}, {"top_p": 0.8, "temperature": 0.7}):
+        def draw(compiled):
+            g = torch.Generator().manual_seed(5)
+            return model.generate(prompts[:4], 20, eos=None, generator=g, compiled=compiled, **choice)
+        eager = draw(False)
+        assert eager != model.generate(prompts[:4], 20, greedy=True, eos=None)  # sampled, not greedy
+        # the same draws: all rows but at most one (float32 sums in another order can flip a near-tie of the
+        # perturbed scores, about 1e-5 a step); other noise would change nearly every row
+        assert sum(a == b for a, b in zip(draw(True), eager)) >= 3, choice
 
 
 def test_mixed_length_batch_equals_each_alone(small_hf):
