@@ -24,6 +24,7 @@ def test_the_report_names_each_test_and_tables_each_bench_section(tmp_path):
     assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
     assert {t["name"]: t["outcome"] for t in tests["tests"]} == {"test_fine": "passed", "test_broken": "failed",
                                                                  "test_gpu": "skipped"}
+    tests["error"] = "exit 1"  # as main() records pytest's exit status when a test failed
     bench = {"device": "NVIDIA H200", "torch": "2.11.0",
              "scoring": {"pairs": 400, "float32_rules_ratio": 1.23456},
              "refill": [{"prompts": 50, "batch": 8, "speedup": 1.5}, {"prompts": 805, "batch": 32, "speedup": 2.25}],
@@ -31,6 +32,7 @@ def test_the_report_names_each_test_and_tables_each_bench_section(tmp_path):
     text = gpu_check.markdown({"started": "2026-12-04 13:00 UTC", "wall_s": 290.4, "tests": tests, "bench": bench,
                                "bench_error": "exit 1"})
     assert "1 passed, 1 failed, 1 skipped" in text and "one is not two" in text and "- device: NVIDIA H200" in text
+    assert "error: exit 1" in text and "| test_broken | failed |" in text  # the status, and which test failed
     assert "| float32_rules_ratio | 1.23 |" in text
     assert "| prompts | batch | speedup |" in text and "| 805 | 32 | 2.25 |" in text
     assert "| error | RuntimeError: out of / memory |" in text  # a cell cannot break the table
