@@ -77,7 +77,7 @@ DEFAULTS = {
                              "the no-EOS-rule model 512, as it does"),
     "batch_size": (8, "rows generating together (one whose answer ends takes the next prompt), or "
                       "responses scored together"),
-    "compile": (False, "generate through torch.compile in fixed shapes (CUDA graphs on a GPU; the "
+    "compile": (False, "generate with each step one compiled graph (a CUDA graph on a GPU; the "
                        "same tokens)"),
     "negatives": (5,
                   "ranking: other instructions' responses compared with each instruction's own"),

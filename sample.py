@@ -68,8 +68,8 @@ DEFAULTS = {
     "top_k": (0, "sample only from the k most likely tokens; 0 = all"),
     "top_p": (1.0, "sample only from the smallest set of tokens with this much probability"),
     "seed": (1337, "random seed for sampling"),
-    "compile": (False, "decode through torch.compile in fixed shapes (CUDA graphs on a GPU; slow "
-                       "to start, then faster; the same tokens)"),
+    "compile": (False, "decode with each step one compiled graph (a CUDA graph on a GPU; slow "
+                       "to start, then faster; the same tokens; top-p on a GPU decodes eagerly)"),
     **DEVICE_FLAGS,  # --device, --dtype: as in train.py
 }
 # and temperature, when sampling (check_flags)
