@@ -23,6 +23,7 @@ from vocab import VOCAB
 
 EOT = 50256
 CHECK_EVERY = 8  # steps between looks at the tokens: rows that end idle at most 7 steps
+RECOMPILES = 64  # graphs of the step that one process may compile
 
 
 class GraphStep:
@@ -44,6 +45,10 @@ class GraphStep:
         cache.slot = self.pos  # the new token's keys and values go to its row's position
         cache.length = model.config.block_size
         self.cuda = device.type == "cuda"
+        # a graph per batch size, dtype, rule set and decoding choice: in one process more than
+        # dynamo's default 8 (evaluate.py --compare's six rule models, the tests), and with
+        # fullgraph the ninth would be an error
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
         mode = None
         if self.cuda:
             self.hold(cache.k + cache.v + [self.h, self.pos, self.last, self.idle, self.noise])

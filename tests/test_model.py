@@ -9,7 +9,8 @@ from conftest import (agreeing_steps, assert_clear_margins, assert_close, assert
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from model import GPT, EOT
+import graphstep
+from model import EOT, GPT
 
 
 def hf_logits(hf, idx):
@@ -140,6 +141,9 @@ def test_compiled_static_decoding_gives_the_eager_tokens_and_logprobs(small_hf):
     reused = model._graph
     model.generate(others, 5, greedy=True, eos=None, compiled=True)
     assert model._graph is reused  # same shape, same weights: the buffers (and the graph) are kept
+    # a graph per batch size, rule set and choice: past dynamo's default 8 a process would fail (fullgraph), which
+    # 10 small graphs showed (50 s of compiling: the limit is checked here instead)
+    assert torch._dynamo.config.recompile_limit >= graphstep.RECOMPILES > 8
     with pytest.raises(TypeError, match="RuleState"):  # a plain function cannot run inside the graph
         model.generate(others, 5, compiled=True, hook=lambda logprobs, generated: 0 * logprobs)
 
