@@ -1,9 +1,10 @@
 """
 One decode step as one graph: GPT.generate(compiled=True). On a GPU a step of gpt2 at batch 1 is
 about 1.3 ms of kernels, but eager PyTorch launches them one by one from Python and waits on the
-host twice a step (issue 23: 155 tokens/s eager, 480 with only the layers compiled). Here the whole
-step, from the hidden state at each row's newest token to the next one, is compiled as one graph
-(torch.compile, fullgraph; on a GPU one CUDA graph a step):
+host twice a step (issue 23, bf16 autocast: 155 tokens/s eager, 480 with only the layers compiled).
+Here the whole step, from the hidden state at each row's newest token to the next one, is compiled
+as one graph (torch.compile, fullgraph; on a GPU one CUDA graph a step): 696 tokens/s, 625 with the
+rules (H200, docs/results.md; what is left is the layers' own kernels):
 
     lm_head -> log_softmax -> + the rules' scores -> log_softmax -> the choice (greedy, or sampled
     with noise drawn outside) -> the rules' state updated in place -> the new token's keys and
