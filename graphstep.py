@@ -20,9 +20,8 @@ import torch
 from torch.nn import functional as F
 
 from sampling import next_tokens
-from vocab import VOCAB
+from vocab import EOT, VOCAB
 
-EOT = 50256
 CHECK_EVERY = 8  # steps between looks at the tokens: rows that end idle at most 7 steps
 RECOMPILES = 64  # graphs of the step that one process may compile
 

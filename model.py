@@ -22,9 +22,7 @@ import checkpoint
 from batching import Rows, with_rows
 from graphstep import GraphStep
 from sampling import next_tokens
-from vocab import Vocabulary
-
-EOT = 50256  # <|endoftext|>: GPT-2's only special token; the paper's end of a response
+from vocab import EOT, Vocabulary
 
 
 def varying_lengths():

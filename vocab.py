@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 VOCAB = 50257  # GPT-2's BPE vocabulary, <|endoftext|> included: every id the rest of the code uses
+EOT = 50256  # <|endoftext|>: GPT-2's only special token; the paper's end of a response
 
 
 class Vocabulary(nn.Module):
