@@ -19,7 +19,7 @@ goes on decoding unread until then, at a position that cannot pass its last slot
 import torch
 from torch.nn import functional as F
 
-from sampling import next_tokens
+from sampling import next_tokens, sampled
 from vocab import EOT, VOCAB
 
 CHECK_EVERY = 8  # steps between looks at the tokens: rows that end idle at most 7 steps
@@ -100,9 +100,9 @@ class GraphStep:
         n = min(CHECK_EVERY, min(rows.left(b) for b in rows.busy_rows()))
         if callback is not None:
             n = 1
-        sampling = not choice["greedy"] and choice["temperature"] != 0
+        draws = sampled(choice["greedy"], choice["temperature"])
         for _ in range(n):
-            if sampling:  # drawn as eager decoding draws them (sampling.next_tokens)
+            if draws:  # drawn as eager decoding draws them (sampling.next_tokens)
                 self.noise.uniform_(generator=generator)
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are spent
             nxt, logprobs = self.run(hook, **choice)

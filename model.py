@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import checkpoint
 from batching import Rows, with_rows
 from graphstep import GraphStep
-from sampling import next_tokens
+from sampling import next_tokens, sampled
 from vocab import EOT, Vocabulary
 
 
@@ -336,8 +336,8 @@ class GPT(nn.Module):
         """Whether compiled decoding takes these choices: not top-p sampling on a GPU, whose sort,
         cumsum and scatter inductor fails to write in Triton (torch 2.11, H200: "list indices must
         be integers", 2026-12-04). generate then decodes eagerly, and warns."""
-        sampling = not greedy and temperature != 0
-        if sampling and top_p is not None and top_p < 1.0 and torch.device(device).type == "cuda":
+        top_p_on_gpu = top_p is not None and top_p < 1.0 and torch.device(device).type == "cuda"
+        if sampled(greedy, temperature) and top_p_on_gpu:
             warnings.warn("compiled decoding cannot take top_p on a GPU: decoding eagerly")
             return False
         return True

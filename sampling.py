@@ -11,7 +11,7 @@ def next_tokens(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None,
                 noise=None):
     """One token per row from (B, V) log-probabilities: argmax if greedy, else temperature, top-k,
     top-p. noise: (B, V) uniform draws in [0, 1) for sampling (default: drawn from `generator`)."""
-    if greedy or temperature == 0:
+    if not sampled(greedy, temperature):
         return largest(logprobs)
     scores = logprobs / temperature
     if top_k is not None and top_k < scores.size(-1):
@@ -26,6 +26,11 @@ def next_tokens(logprobs, greedy=False, temperature=1.0, top_k=None, top_p=None,
     # random-number generator of its own and draws the tokens eager decoding draws.
     gumbel = -torch.log(-torch.log(noise))  # (B, V); u = 0 gives -inf: never chosen
     return largest(scores + gumbel)
+
+
+def sampled(greedy, temperature):
+    """Whether next_tokens draws at random (else it takes the argmax)."""
+    return not greedy and temperature != 0
 
 
 def largest(scores):
